@@ -1,0 +1,64 @@
+"""Training throughput in images per second, measured without a host sync per step."""
+
+import statistics
+import time
+
+import lightning as L
+import torch
+
+
+class Throughput(L.Callback):
+    """Logs ``train/img_per_s`` (all ranks together) over windows of ``window`` steps. The device
+    is synchronised once per window, and validation time never counts. ``steady_state`` is the
+    median of all windows after the first epoch (compilation, caches and warm-up excluded)."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.rates: list[tuple[int, float]] = []  # (epoch, img/s)
+        self._t0: float | None = None
+        self._images = 0
+
+    def _now(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def _start(self, pl_module: L.LightningModule) -> None:
+        self._t0, self._images = self._now(pl_module.device), 0
+
+    def _flush(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._t0 is None or self._images == 0:
+            return
+        rate = self._images / (self._now(pl_module.device) - self._t0)
+        self.rates.append((trainer.current_epoch, rate))
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/img_per_s": rate}, step=trainer.global_step)
+        self._t0 = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch[0]) * trainer.world_size
+        if (batch_idx + 1) % self.window == 0:
+            self._flush(trainer, pl_module)
+            self._start(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.training:
+            self._flush(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.training:
+            self._start(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._flush(trainer, pl_module)
+
+    @property
+    def steady_state(self) -> float | None:
+        if not self.rates:
+            return None
+        first_epoch = self.rates[0][0]
+        later = [r for epoch, r in self.rates if epoch > first_epoch]
+        return statistics.median(later or [r for _, r in self.rates])

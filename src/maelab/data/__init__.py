@@ -1,0 +1,1 @@
+"""Datamodules (uint8 images + labels) and on-device transforms."""

@@ -1,0 +1,126 @@
+"""A datamodule for datasets that fit in device memory as uint8 (CIFAR-10: 150 MB).
+
+The DataLoaders only produce batches of indices (Lightning still shards and shuffles them with its
+samplers, DistributedSampler included); ``on_after_batch_transfer`` gathers the images and labels
+from a copy of the split that lives on the training device. On a GPU a batch therefore costs one
+gather: no worker decodes, collates or copies images in the loop.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class IndexBatch:
+    """What the DataLoader yields: the split to gather from and the sample indices."""
+
+    split: str
+    indices: torch.Tensor
+
+
+class _Indices(Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _collate(indices: list[int], split: str) -> IndexBatch:
+    return IndexBatch(split, torch.tensor(indices, dtype=torch.long))
+
+
+class InMemoryImageDataModule(L.LightningDataModule):
+    """Subclasses implement ``load_split(split) -> (uint8 (N, C, H, W), int64 (N,))`` for
+    'train' and 'test'. ``val_size > 0`` holds that many training images out as the validation
+    split (a fixed, seeded draw); 0 validates on the test split."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        img_size: int,
+        num_classes: int,
+        mean: list[float],
+        std: list[float],
+        eval_batch_size: int | None = None,
+        val_size: int = 0,
+        split_seed: int = 0,
+    ):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.mean, self.std = list(mean), list(std)
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on_device: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train, test = self.load_split("train"), self.load_split("test")
+        if self.val_size:
+            n = len(train[0])
+            if not 0 < self.val_size < n:
+                raise ValueError(f"data.val_size={self.val_size} must be between 0 and {n - 1}")
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+            keep, held = order[: n - self.val_size], order[n - self.val_size :]
+            self.splits = {"train": (train[0][keep], train[1][keep]), "val": (train[0][held], train[1][held])}
+        else:
+            self.splits = {"train": train, "val": test}
+        self.splits["test"] = test
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        n = len(self.splits[split][1])
+        if train and n < batch_size:
+            raise ValueError(
+                f"data.batch_size={batch_size} is larger than the {n} training images; use a batch size of at most {n}"
+            )
+        return DataLoader(
+            _Indices(n),
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,  # every step sees a full batch: the lr rule assumes it
+            collate_fn=partial(_collate, split=split),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, train=False)
+
+    def on_after_batch_transfer(self, batch: IndexBatch, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.split_on(batch.split, batch.indices.device)
+        return images[batch.indices], labels[batch.indices]  # uint8 (N, C, H, W), int64 (N,)
+
+    def split_on(self, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split on ``device``, copied there once."""
+        key = (split, str(device))
+        if key not in self._on_device:
+            images, labels = self.splits[split]
+            self._on_device[key] = (images.to(device), labels.to(device))
+        return self._on_device[key]
+
+    def preview_images(self, n: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n images of a split (uint8, CPU): a fixed set to visualise."""
+        self.setup()
+        images, labels = self.splits[split]
+        return images[:n], labels[:n]

@@ -1,0 +1,88 @@
+"""Optimiser policy shared by every task: weight-decay groups, the paper's lr scaling rule, and
+linear warmup followed by a half-cycle cosine, stepped every optimizer step."""
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+# Parameters that are not weight matrices although they have several dimensions.
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, tokens or position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def effective_batch_size(trainer: L.Trainer, per_device_batch: int) -> int:
+    """Images per optimizer step: per-device batch x devices x nodes x gradient accumulation."""
+    return per_device_batch * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def scaled_lr(base_lr: float, effective_batch: int) -> float:
+    """The paper's linear scaling rule: lr = base_lr * effective_batch / 256."""
+    return base_lr * effective_batch / 256
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """lr multiplier: linear from 0 over warmup_steps, then half-cycle cosine down to min_ratio."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_steps(trainer: L.Trainer, warmup_epochs: float) -> tuple[int, int]:
+    """(warmup_steps, total_steps) in optimizer steps. The schedule follows max_epochs, so
+    ``trainer.max_steps`` only cuts a run short without reshaping its lr curve; with
+    ``max_epochs=-1`` it follows max_steps."""
+    estimated = trainer.estimated_stepping_batches  # also sets up the train dataloader
+    steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        total = steps_per_epoch * trainer.max_epochs
+    else:
+        total = int(estimated)
+    return round(warmup_epochs * steps_per_epoch), total
+
+
+def adamw_warmup_cosine(
+    module: L.LightningModule,
+    model: nn.Module,
+    base_lr: float,
+    min_lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    warmup_epochs: float,
+) -> dict:
+    """Lightning's ``configure_optimizers`` answer: AdamW on decay groups with the scaled lr and
+    a per-step warmup + cosine schedule. Records the resolved figures on ``module``."""
+    trainer = module.trainer
+    per_device_batch = trainer.datamodule.batch_size
+    module.effective_batch_size = effective_batch_size(trainer, per_device_batch)
+    module.lr = scaled_lr(base_lr, module.effective_batch_size)
+    warmup_steps, total_steps = schedule_steps(trainer, warmup_epochs)
+    module.schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps}
+    optimizer = torch.optim.AdamW(
+        param_groups_weight_decay(model, weight_decay),
+        lr=module.lr,
+        betas=tuple(betas),
+        fused=module.device.type == "cuda",  # one kernel for the whole update on GPU
+    )
+    min_ratio = min_lr / module.lr if module.lr > 0 else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,85 @@
+"""MAE pretraining as a LightningModule: augment on the device, mask, reconstruct, regress."""
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from maelab.data.transforms import normalize
+from maelab.models.mae import MaskedAutoencoder
+from maelab.modules.optim import adamw_warmup_cosine
+from maelab.modules.rng import restore_rng_states, rng_states
+
+
+class PretrainModule(L.LightningModule):
+    """Arguments are plain values (Hydra passes them converted), so the checkpoint's
+    hyper-parameters alone rebuild the model: ``PretrainModule.load_from_checkpoint(path)``."""
+
+    def __init__(
+        self,
+        model: dict,
+        target: dict,
+        masking: dict,
+        augment: dict | None,
+        img_size: int,
+        mean: list[float],
+        std: list[float],
+        mask_ratio: float = 0.75,
+        decoder_width: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        base_lr: float = 1.5e-4,
+        min_lr: float = 0.0,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 40,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        patch_size = model["patch_size"]
+        self.model = MaskedAutoencoder(
+            img_size=img_size,
+            **model,
+            decoder_width=decoder_width,
+            decoder_depth=decoder_depth,
+            decoder_heads=decoder_heads,
+            target=instantiate(target, patch_size=patch_size, in_chans=3),
+            masking=instantiate(masking),
+        )
+        self.model.num_visible(mask_ratio)  # fails now, not at the first step, if nothing stays visible
+        self.augment = instantiate(augment, size=img_size) if augment else None
+        self.mask_ratio = mask_ratio
+        self.mean, self.std = list(mean), list(std)
+
+    def preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        """uint8 (N, 3, H, W) on the device -> normalised float (N, 3, img_size, img_size)."""
+        x = normalize(images, self.mean, self.std)
+        if train and self.augment is not None:
+            x = self.augment(x)
+        return x
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, _ = batch
+        loss, _, _ = self.model(self.preprocess(images, train=True), self.mask_ratio)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, _ = batch
+        x = self.preprocess(images, train=False)
+        # the same masks every epoch, so val/loss curves compare like with like
+        g = torch.Generator(device=x.device).manual_seed(batch_idx)
+        noise = self.model.masking.noise(len(x), self.model.patch_embed.grid_size, self.mask_ratio, x.device, g)
+        loss, _, _ = self.model(x, self.mask_ratio, noise)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return adamw_warmup_cosine(self, self.model, hp.base_lr, hp.min_lr, hp.weight_decay, hp.betas, hp.warmup_epochs)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()  # resuming continues the same random stream
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])

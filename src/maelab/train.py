@@ -1,0 +1,171 @@
+"""``maelab train``: compose the config with Hydra, build datamodule, module, callbacks, loggers
+and trainer from it, fit, and write results.json into the run's output directory."""
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from maelab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def config_dir() -> Path:
+    """Wheels carry conf/ inside the package; an editable install reads the checkout's conf/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise RuntimeError(f"maelab's configs are missing: no conf/train.yaml in {here} or {here.parents[1]}")
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """``precision: auto`` is maelab's policy: bf16 mixed precision on a GPU, fp32 elsewhere."""
+    precision = str(trainer_cfg.get("precision", "auto"))
+    if precision != "auto":
+        return precision
+    import torch
+
+    on_gpu = trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise UserError(
+                f"ckpt_path=last: there is no {path}. To resume a run, name its directory: "
+                "hydra.run.dir=<the run's output directory> ckpt_path=last"
+            )
+        return str(path)
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path={ckpt_path}: no such file; pass null, 'last' or the path of a .ckpt file")
+    return ckpt_path
+
+
+def quiet_lightning() -> None:
+    """Hydra already logs to the console and train.log: drop Lightning's second console handler,
+    its advertising tip and a deprecation it raises against newer torch."""
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def build(cfg: DictConfig):
+    """(datamodule, module, trainer) from a composed config."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from maelab.checkpoints import AtomicCheckpointIO
+
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(
+        cfg.task,
+        model=cfg.model,
+        target=cfg.target,
+        masking=cfg.masking,
+        img_size=cfg.data.img_size,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        _recursive_=False,  # the module builds its parts; its hyper-parameters stay plain values
+        _convert_="all",
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        precision=resolve_precision(cfg.trainer),
+        plugins=[AtomicCheckpointIO()],
+    )
+    return datamodule, module, trainer
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train as the config says; return (and write) the run's results."""
+    from maelab.config_checks import validate
+
+    validate(cfg)  # before the heavy imports: a bad value fails in a second
+    from maelab.callbacks.throughput import Throughput
+
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    datamodule, module, trainer = build(cfg)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    wall_clock = time.perf_counter() - start
+    last = output_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever the periodic checkpoint schedule
+
+    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    results = {
+        "name": cfg.name,
+        "task": cfg.task._target_.rsplit(".", 1)[-1],
+        "output_dir": str(output_dir),
+        "last_checkpoint": str(last),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "effective_batch_size": getattr(module, "effective_batch_size", None),
+        "lr": getattr(module, "lr", None),
+        "last": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
+        "train/img_per_s": throughput.steady_state if throughput else None,
+        "wall_clock_s": round(wall_clock, 2),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        write_json(output_dir / "results.json", results)
+    return results
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def task_function(cfg: DictConfig) -> None:
+    """What Hydra runs for each job; a user's mistake ends it with its message alone."""
+    try:
+        run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def hydra_main(args: list[str]) -> None:
+    """Run Hydra on ``args`` (the words after ``maelab train``).
+
+    ``hydra.main`` parses ``sys.argv`` itself, which holds the command word. We parse our own
+    argument list and leave ``sys.argv`` whole, because Lightning re-launches DDP workers with
+    ``sys.argv`` and they must run ``maelab train ...`` again. ``_run_hydra`` is what
+    ``hydra.main`` calls; hydra-core is pinned to 1.3 for it.
+    """
+    from hydra import version
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    version.setbase("1.3")
+    parser = get_args_parser()
+    parser.prog = "maelab train"
+    _run_hydra(
+        args=parser.parse_args(args),
+        args_parser=parser,
+        task_function=task_function,
+        config_path=str(config_dir()),
+        config_name="train",
+    )

@@ -1,0 +1,61 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from maelab.train import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def maelab(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the CLI the way users do, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "maelab", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The config `maelab train OVERRIDES` would run, with its output directory fixed."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+# A seconds-scale pretraining run on synthetic data, for in-process and CLI tests.
+TINY = [
+    "+experiment=quickstart",
+    "data.num_train=128",
+    "data.num_test=32",
+    "data.batch_size=32",
+    "data.img_size=16",
+    "model.embed_dim=32",
+    "model.depth=1",
+    "model.num_heads=2",
+    "task.decoder_width=16",
+    "task.decoder_depth=1",
+    "task.decoder_heads=2",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+    "~callbacks.progress_bar",
+]
+
+
+@pytest.fixture
+def cifar10_root() -> Path:
+    """The extracted cifar10-jpeg copy that .ci/run points MAELAB_CIFAR10 at."""
+    root = os.environ.get("MAELAB_CIFAR10")
+    if not root or not (Path(root) / "train").is_dir():
+        pytest.skip("MAELAB_CIFAR10 does not point at an extracted cifar10-jpeg folder (.ci/run sets it)")
+    return Path(root)

@@ -1,0 +1,100 @@
+"""The command line, run in subprocesses the way users run it."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from maelab.train import config_dir
+from tests.conftest import maelab
+
+EXPERIMENTS = sorted(p.stem for p in Path(config_dir(), "experiment").glob("*.yaml"))
+
+
+def test_quickstart_writes_checkpoint_reconstructions_and_results(tmp_path):
+    run_dir = tmp_path / "run"
+    done = maelab("train", "+experiment=quickstart", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_size > 1_000_000
+    png = run_dir / "reconstructions" / "epoch_0001.png"
+    with Image.open(png) as im:
+        # 8 rows x 3 columns of 32 px images with 2 px padding, enlarged 3x to be legible
+        assert im.size == (3 * (3 * 32 + 4 * 2), 3 * (8 * 32 + 9 * 2))
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("task.mask_ratio=1.5", "task.mask_ratio=1.5: expected a number in (0, 1)"),
+        ("task.mask_ratio=abc", "task.mask_ratio='abc': expected a number in (0, 1)"),
+        ("data.img_size=30", "data.img_size=30: must be divisible by model.patch_size=4"),
+        ("model.num_heads=3", "model.embed_dim=128: must be divisible by model.num_heads=3"),
+        ("data.batch_size=0", "data.batch_size=0: expected a positive integer"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0: expected a positive integer, or -1"),
+    ],
+)
+def test_a_bad_value_stops_before_training_with_one_clear_message(tmp_path, override, message):
+    done = maelab("train", "+experiment=quickstart", override, cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def test_a_typo_in_a_key_names_the_key(tmp_path):
+    done = maelab("train", "+experiment=quickstart", "task.mask_ration=0.9", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "Could not override 'task.mask_ration'" in done.stderr
+
+
+def test_an_unknown_experiment_lists_the_known_ones(tmp_path):
+    done = maelab("train", "+experiment=quikstart", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "quikstart" in done.stderr and "quickstart" in done.stderr
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(tmp_path, experiment):
+    done = maelab("train", f"+experiment={experiment}", "--cfg", "job", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"name: {experiment}" in done.stdout
+
+
+def test_help_lists_commands_and_config_groups(tmp_path):
+    top = maelab("--help", cwd=tmp_path)
+    assert top.returncode == 0 and "train" in top.stdout
+    train_help = maelab("train", "--help", cwd=tmp_path)
+    assert train_help.returncode == 0
+    for group in (
+        "task: pretrain",
+        "model: vit_base, vit_huge, vit_large, vit_small, vit_tiny",
+        "target: norm_pixel, pixel",
+        "experiment: " + ", ".join(EXPERIMENTS),
+    ):
+        assert group in train_help.stdout, train_help.stdout
+    wrong = maelab("trian", cwd=tmp_path)
+    assert wrong.returncode == 2 and "invalid choice: 'trian'" in wrong.stderr
+
+
+def test_ddp_workers_relaunched_by_lightning_run_the_same_command(tmp_path):
+    import json
+
+    run_dir = tmp_path / "run"
+    done = maelab(
+        "train",
+        "+experiment=quickstart",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_epochs=1",
+        "data.num_train=256",
+        "~callbacks.progress_bar",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["effective_batch_size"] == 2 * 64  # both processes trained
+    assert results["global_step"] == 256 // 128
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the worker wrote into the same run

@@ -1,0 +1,79 @@
+"""Whole runs in-process through the composed config: resume, checkpoint safety, results."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from maelab import checkpoints
+from maelab.train import run
+from tests.conftest import TINY, compose_config
+
+
+def weights(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    # 128 images / batch 32 = 4 steps an epoch; the lr schedule spans trainer.max_epochs=3 in both
+    common = TINY + ["trainer.max_epochs=3", "callbacks.reconstructions.every_n_epochs=1"]
+    straight = run(compose_config(common, tmp_path / "straight"))
+    assert straight["global_step"] == 12
+
+    first = run(compose_config(common + ["trainer.max_steps=4"], tmp_path / "resumed"))
+    assert first["global_step"] == 4
+    resumed = run(compose_config(common + ["ckpt_path=last"], tmp_path / "resumed"))
+    assert resumed["global_step"] == 12
+
+    a, b = weights(straight["last_checkpoint"]), weights(resumed["last_checkpoint"])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["last"]["train/loss"] == straight["last"]["train/loss"]
+
+    # the metrics of both parts of the resumed run are in one file, the same as the straight run's
+    def losses(run_dir):
+        rows = csv.DictReader((run_dir / "csv" / "metrics.csv").read_text().splitlines())
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert len(losses(tmp_path / "straight")) == 12
+
+
+def test_run_writes_results_metrics_and_reconstructions(tmp_path):
+    results = run(compose_config(TINY + ["trainer.max_epochs=2"], tmp_path))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["global_step"] == 8 and on_disk["epochs"] == 2
+    assert on_disk["effective_batch_size"] == 32
+    assert on_disk["lr"] == pytest.approx(1.5e-4 * 32 / 256)
+    assert on_disk["train/img_per_s"] > 0
+    assert 0 < on_disk["last"]["train/loss"] < 5 and 0 < on_disk["last"]["val/loss"] < 5
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/lr", "train/img_per_s", "val/loss"} <= set(header)
+    assert (tmp_path / "reconstructions" / "epoch_0001.png").is_file()
+    assert results["config"]["model"]["embed_dim"] == 32
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    results = run(compose_config(TINY + ["trainer.max_epochs=1"], tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    good = last.read_bytes()
+
+    def dies_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="No space left"):
+        run(compose_config(TINY + ["trainer.max_epochs=2", "ckpt_path=last"], tmp_path))
+    assert last.read_bytes() == good
+    assert weights(last).keys() == weights(results["last_checkpoint"]).keys()
+    assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".")) == []  # no temp files left
+
+
+def test_ckpt_path_last_without_a_checkpoint_names_the_file(tmp_path):
+    from maelab.errors import UserError
+
+    with pytest.raises(UserError, match="checkpoints/last.ckpt"):
+        run(compose_config(TINY + ["ckpt_path=last"], tmp_path))
