@@ -32,6 +32,7 @@ def test_quickstart_writes_checkpoint_reconstructions_and_results(tmp_path):
         ("model.num_heads=3", "model.embed_dim=128: must be divisible by model.num_heads=3"),
         ("data.batch_size=0", "data.batch_size=0: expected a positive integer"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0: expected a positive integer, or -1"),
+        ("task.augment.scale=[0.5,0.2]", "task.augment.scale=[0.5, 0.2]: expected [min, max] area fractions"),
     ],
 )
 def test_a_bad_value_stops_before_training_with_one_clear_message(tmp_path, override, message):
@@ -59,6 +60,28 @@ def test_every_experiment_composes(tmp_path, experiment):
     done = maelab("train", f"+experiment={experiment}", "--cfg", "job", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"name: {experiment}" in done.stdout
+
+
+def test_a_multirun_gives_each_point_its_own_directory(tmp_path):
+    import json
+
+    done = maelab(
+        "train",
+        "-m",
+        "+experiment=quickstart",
+        "task.mask_ratio=0.5,0.75",
+        "trainer.max_steps=2",
+        "data.num_train=128",
+        "~callbacks.progress_bar",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ratios = [
+        json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())["config"]["task"]["mask_ratio"]
+        for i in (0, 1)
+    ]
+    assert ratios == [0.5, 0.75]
 
 
 def test_help_lists_commands_and_config_groups(tmp_path):

@@ -77,3 +77,55 @@ def test_ckpt_path_last_without_a_checkpoint_names_the_file(tmp_path):
 
     with pytest.raises(UserError, match="checkpoints/last.ckpt"):
         run(compose_config(TINY + ["ckpt_path=last"], tmp_path))
+
+
+def test_a_recipe_effective_batch_is_reached_by_accumulating(tmp_path):
+    results = run(compose_config(TINY + ["trainer.max_epochs=1", "task.effective_batch_size=64"], tmp_path))
+    assert results["effective_batch_size"] == 64  # 32 per step x 2 accumulated
+    assert results["global_step"] == 128 // 64
+    assert results["lr"] == pytest.approx(1.5e-4 * 64 / 256)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["task.effective_batch_size=48"], "task.effective_batch_size=48 is not a multiple of data.batch_size=32"),
+        (["task.effective_batch_size=64", "trainer.accumulate_grad_batches=4"], "contradicts"),
+    ],
+)
+def test_an_effective_batch_that_cannot_be_reached_is_refused(tmp_path, overrides, message):
+    from maelab.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        run(compose_config(TINY + overrides, tmp_path))
+
+
+def test_resuming_into_another_architecture_names_what_differs(tmp_path):
+    from maelab.errors import UserError
+
+    run(compose_config(TINY + ["trainer.max_epochs=1"], tmp_path))
+    with pytest.raises(UserError) as err:
+        run(compose_config(TINY + ["trainer.max_epochs=2", "model.embed_dim=64", "ckpt_path=last"], tmp_path))
+    message = str(err.value)
+    assert "model.blocks.0.attn.proj.bias is (32,) there, (64,) here" in message
+    assert "model.embed_dim=32 (this run: 64)" in message
+
+
+def test_evaluation_images_are_resized_to_the_model_input():
+    from maelab.modules.pretrain import PretrainModule
+
+    module = PretrainModule(
+        model=dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
+        target={"_target_": "maelab.models.targets.PixelTarget"},
+        masking={"_target_": "maelab.models.masking.RandomMasking"},
+        augment={"_target_": "maelab.data.transforms.RandomResizedCropFlip"},
+        img_size=16,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        decoder_width=16,
+        decoder_depth=1,
+        decoder_heads=2,
+    )
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert module.preprocess(images, train=True).shape == (2, 3, 16, 16)
+    assert module.preprocess(images, train=False).shape == (2, 3, 16, 16)

@@ -30,3 +30,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(path: str, module: torch.nn.Module) -> None:
+    """Stop before training when a checkpoint to resume holds another architecture, naming the
+    parameters whose shapes differ and the settings it was trained with."""
+    from maelab.errors import UserError
+
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+    wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = [
+        f"{k} is {saved[k]} there, {wanted[k]} here"
+        for k in sorted(wanted.keys() & saved.keys())
+        if saved[k] != wanted[k]
+    ]
+    problems += [f"{k} is missing there" for k in sorted(wanted.keys() - saved.keys())]
+    problems += [f"{k} is not in this model" for k in sorted(saved.keys() - wanted.keys())]
+    if not problems:
+        return
+    before = _flatten(dict(checkpoint.get("hyper_parameters", {})))
+    now = _flatten(dict(getattr(module, "hparams", {})))
+    settings = [f"{k}={before[k]!r} (this run: {now.get(k)!r})" for k in sorted(before) if before[k] != now.get(k)]
+    raise UserError(
+        f"ckpt_path={path} holds another model than this run builds: {'; '.join(problems[:5])}"
+        + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        + ". Resume with the settings it was trained with"
+        + (": " + ", ".join(settings) if settings else "")
+    )

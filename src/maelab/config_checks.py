@@ -34,12 +34,30 @@ def epochs_or_steps(v) -> bool:
     return _is_int(v) and (v > 0 or v == -1)
 
 
+def pair(lo: float, hi: float | None):
+    """Two numbers a <= b, within [lo, hi] (hi None: unbounded)."""
+    return lambda v: (
+        isinstance(v, list)
+        and len(v) == 2
+        and all(_is_num(x) and x >= lo and (hi is None or x <= hi) for x in v)
+        and v[0] <= v[1]
+    )
+
+
+def per_channel(positive: bool):
+    return lambda v: isinstance(v, list) and len(v) == 3 and all(_is_num(x) and (x > 0 or not positive) for x in v)
+
+
 RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("seed", _is_int, "an integer"),
     ("task.mask_ratio", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1), e.g. 0.75"),
     ("data.img_size", positive_int, "a positive integer (pixels)"),
     ("data.batch_size", positive_int, "a positive integer (images per device)"),
     ("data.eval_batch_size", lambda v: v is None or positive_int(v), "null or a positive integer"),
+    ("data.num_classes", positive_int, "a positive integer"),
+    ("data.val_size", lambda v: _is_int(v) and v >= 0, "0 (validate on test) or a number of held-out images"),
+    ("data.mean", per_channel(positive=False), "three numbers, one per RGB channel"),
+    ("data.std", per_channel(positive=True), "three positive numbers, one per RGB channel"),
     ("model.patch_size", positive_int, "a positive integer (pixels)"),
     ("model.embed_dim", positive_int, "a positive integer"),
     ("model.depth", positive_int, "a positive integer"),
@@ -48,6 +66,7 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("task.decoder_width", positive_int, "a positive integer"),
     ("task.decoder_depth", positive_int, "a positive integer"),
     ("task.decoder_heads", positive_int, "a positive integer"),
+    ("task.effective_batch_size", lambda v: v is None or positive_int(v), "null or a positive integer"),
     ("task.base_lr", lambda v: _is_num(v) and v > 0, "a positive number"),
     ("task.min_lr", non_negative, "a number >= 0"),
     ("task.weight_decay", non_negative, "a number >= 0"),
@@ -57,6 +76,14 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
         lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v),
         "two numbers in [0, 1), e.g. [0.9, 0.95]",
     ),
+    ("task.augment.scale", pair(1e-9, 1.0), "[min, max] area fractions with 0 < min <= max <= 1, e.g. [0.2, 1.0]"),
+    ("task.augment.ratio", pair(1e-9, None), "[min, max] aspect ratios with 0 < min <= max, e.g. [0.75, 1.333]"),
+    ("task.augment.interpolation", lambda v: v in ("bilinear", "bicubic", "nearest"), "bilinear, bicubic or nearest"),
+    ("callbacks.last_checkpoint.every_n_epochs", positive_int, "a positive integer"),
+    ("callbacks.periodic_checkpoint.every_n_epochs", positive_int, "a positive integer"),
+    ("callbacks.reconstructions.every_n_epochs", positive_int, "a positive integer"),
+    ("callbacks.reconstructions.num_images", positive_int, "a positive integer"),
+    ("callbacks.throughput.window", positive_int, "a positive number of steps"),
     ("trainer.max_epochs", epochs_or_steps, "a positive integer, or -1 to stop by trainer.max_steps"),
     ("trainer.max_steps", epochs_or_steps, "a positive integer, or -1 to stop by trainer.max_epochs"),
     ("trainer.accumulate_grad_batches", positive_int, "a positive integer"),

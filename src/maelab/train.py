@@ -62,6 +62,29 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
+def derive_accumulation(cfg: DictConfig, trainer) -> None:
+    """A recipe fixes the effective batch (``task.effective_batch_size``); the per-device batch
+    is set for the hardware, and gradient accumulation makes up the difference."""
+    effective = cfg.task.get("effective_batch_size")
+    if effective is None:
+        return
+    per_step = cfg.data.batch_size * trainer.world_size
+    if effective % per_step:
+        raise UserError(
+            f"task.effective_batch_size={effective} is not a multiple of data.batch_size={cfg.data.batch_size} x "
+            f"{trainer.num_devices} device(s) x {trainer.num_nodes} node(s) = {per_step}; "
+            "choose a per-device batch that divides it"
+        )
+    accumulate = effective // per_step
+    configured = cfg.trainer.get("accumulate_grad_batches", 1)
+    if configured not in (1, accumulate):
+        raise UserError(
+            f"trainer.accumulate_grad_batches={configured} contradicts task.effective_batch_size={effective}, "
+            f"which needs {accumulate} here; set one of them (task.effective_batch_size=null to set accumulation)"
+        )
+    trainer.accumulate_grad_batches = accumulate
+
+
 def build(cfg: DictConfig):
     """(datamodule, module, trainer) from a composed config."""
     import lightning as L
@@ -92,6 +115,7 @@ def build(cfg: DictConfig):
         precision=resolve_precision(cfg.trainer),
         plugins=[AtomicCheckpointIO()],
     )
+    derive_accumulation(cfg, trainer)
     return datamodule, module, trainer
 
 
@@ -105,6 +129,10 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     datamodule, module, trainer = build(cfg)
+    if ckpt_path:
+        from maelab.checkpoints import check_resumable
+
+        check_resumable(ckpt_path, module)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -1,16 +1,21 @@
 """Training throughput in images per second, measured without a host sync per step."""
 
+import logging
 import statistics
 import time
 
 import lightning as L
 import torch
 
+log = logging.getLogger(__name__)
+
 
 class Throughput(L.Callback):
     """Logs ``train/img_per_s`` (all ranks together) over windows of ``window`` steps. The device
     is synchronised once per window, and validation time never counts. ``steady_state`` is the
-    median of all windows after the first epoch (compilation, caches and warm-up excluded)."""
+    median of all windows after the first epoch (compilation, caches and warm-up excluded).
+    Each window also writes a progress line to the Python log (train.log), which a batch job's
+    output keeps even where no progress bar is drawn."""
 
     def __init__(self, window: int = 20):
         self.window = window
@@ -33,6 +38,14 @@ class Throughput(L.Callback):
         self.rates.append((trainer.current_epoch, rate))
         for logger in trainer.loggers:
             logger.log_metrics({"train/img_per_s": rate}, step=trainer.global_step)
+        loss = trainer.callback_metrics.get("train/loss")
+        log.info(
+            "epoch %d step %d: %.0f img/s, train/loss %s",
+            trainer.current_epoch,
+            trainer.global_step,
+            rate,
+            "-" if loss is None else f"{float(loss):.4f}",
+        )
         self._t0 = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:

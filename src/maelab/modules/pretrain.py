@@ -2,6 +2,7 @@
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from maelab.data.transforms import normalize
@@ -32,6 +33,7 @@ class PretrainModule(L.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40,
+        effective_batch_size: int | None = None,  # a recipe value; the run derives accumulation from it
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -48,13 +50,16 @@ class PretrainModule(L.LightningModule):
         self.model.num_visible(mask_ratio)  # fails now, not at the first step, if nothing stays visible
         self.augment = instantiate(augment, size=img_size) if augment else None
         self.mask_ratio = mask_ratio
+        self.img_size = img_size
         self.mean, self.std = list(mean), list(std)
 
     def preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device -> normalised float (N, 3, img_size, img_size)."""
         x = normalize(images, self.mean, self.std)
         if train and self.augment is not None:
-            x = self.augment(x)
+            return self.augment(x)  # crops to img_size
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", antialias=True)
         return x
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
