@@ -48,7 +48,7 @@ TINY = [
     "task.decoder_heads=2",
     "trainer.accelerator=cpu",
     "trainer.log_every_n_steps=1",
-    "~callbacks.progress_bar",
+    "trainer.enable_progress_bar=false",
 ]
 
 

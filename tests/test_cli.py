@@ -32,7 +32,7 @@ def test_quickstart_writes_checkpoint_reconstructions_and_results(tmp_path):
         ("model.num_heads=3", "model.embed_dim=128: must be divisible by model.num_heads=3"),
         ("data.batch_size=0", "data.batch_size=0: expected a positive integer"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0: expected a positive integer, or -1"),
-        ("task.augment.scale=[0.5,0.2]", "task.augment.scale=[0.5, 0.2]: expected [min, max] area fractions"),
+        ("augment.scale=[0.5,0.2]", "augment.scale=[0.5, 0.2]: expected [min, max] area fractions"),
     ],
 )
 def test_a_bad_value_stops_before_training_with_one_clear_message(tmp_path, override, message):
@@ -62,28 +62,6 @@ def test_every_experiment_composes(tmp_path, experiment):
     assert f"name: {experiment}" in done.stdout
 
 
-def test_a_multirun_gives_each_point_its_own_directory(tmp_path):
-    import json
-
-    done = maelab(
-        "train",
-        "-m",
-        "+experiment=quickstart",
-        "task.mask_ratio=0.5,0.75",
-        "trainer.max_steps=2",
-        "data.num_train=128",
-        "~callbacks.progress_bar",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ratios = [
-        json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())["config"]["task"]["mask_ratio"]
-        for i in (0, 1)
-    ]
-    assert ratios == [0.5, 0.75]
-
-
 def test_help_lists_commands_and_config_groups(tmp_path):
     top = maelab("--help", cwd=tmp_path)
     assert top.returncode == 0 and "train" in top.stdout
@@ -100,24 +78,44 @@ def test_help_lists_commands_and_config_groups(tmp_path):
     assert wrong.returncode == 2 and "invalid choice: 'trian'" in wrong.stderr
 
 
-def test_ddp_workers_relaunched_by_lightning_run_the_same_command(tmp_path):
+def test_a_multirun_of_ddp_jobs_keeps_each_job_and_its_workers_together(tmp_path):
+    """Lightning re-launches DDP workers with the command line: each job's worker must run that
+    job alone, in that job's directory, and the next job must start its own workers."""
     import json
 
-    run_dir = tmp_path / "run"
+    sweep = tmp_path / "sweep"
     done = maelab(
-        "train",
-        "+experiment=quickstart",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-        "trainer.max_epochs=1",
-        "data.num_train=256",
-        "~callbacks.progress_bar",
-        f"hydra.run.dir={run_dir}",
+        "train", "-m", "+experiment=quickstart", "task.mask_ratio=0.5,0.75",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1",
+        "data.num_train=256", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["effective_batch_size"] == 2 * 64  # both processes trained
-    assert results["global_step"] == 256 // 128
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the worker wrote into the same run
+    for job, ratio in ((0, 0.5), (1, 0.75)):
+        results = json.loads((sweep / str(job) / "results.json").read_text())
+        assert results["config"]["task"]["mask_ratio"] == ratio
+        assert results["effective_batch_size"] == 2 * 64  # both processes trained this job
+        assert results["global_step"] == 256 // 128
+        assert (sweep / str(job) / "train_ddp_process_1.log").is_file()  # the worker ran here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no stray run directories
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_passes_the_checks_and_builds(tmp_path, experiment):
+    import torch
+
+    from maelab.config_checks import validate
+    from maelab.models.mae import MaskedAutoencoder
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"+experiment={experiment}"], tmp_path)
+    validate(cfg)
+    with torch.device("meta"):  # the real sizes, no memory
+        model = MaskedAutoencoder(
+            img_size=cfg.data.img_size,
+            **cfg.model,
+            decoder_width=cfg.task.decoder_width,
+            decoder_depth=cfg.task.decoder_depth,
+            decoder_heads=cfg.task.decoder_heads,
+        )
+    model.num_visible(cfg.task.mask_ratio)

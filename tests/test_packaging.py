@@ -59,7 +59,7 @@ def test_wheel_installs_and_runs_from_a_fresh_environment(tmp_path):
         "+experiment=quickstart",
         "trainer.max_steps=2",
         "data.num_train=128",
-        "~callbacks.progress_bar",
+        "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )

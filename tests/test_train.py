@@ -3,6 +3,7 @@
 import csv
 import json
 
+import lightning as L
 import pytest
 import torch
 
@@ -15,14 +16,28 @@ def weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+class CrashAt(L.Callback):
+    """Kills a run in the middle of an epoch, the way a node failure would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("node lost")
+
+
+def test_a_run_killed_mid_epoch_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
     # 128 images / batch 32 = 4 steps an epoch; the lr schedule spans trainer.max_epochs=3 in both
     common = TINY + ["trainer.max_epochs=3", "callbacks.reconstructions.every_n_epochs=1"]
     straight = run(compose_config(common, tmp_path / "straight"))
     assert straight["global_step"] == 12
 
-    first = run(compose_config(common + ["trainer.max_steps=4"], tmp_path / "resumed"))
-    assert first["global_step"] == 4
+    crash = ["+callbacks.crash._target_=tests.test_train.CrashAt", "+callbacks.crash.step=10"]
+    with pytest.raises(RuntimeError, match="node lost"):
+        run(compose_config(common + crash, tmp_path / "resumed"))
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 8  # written at the end of epoch 1
     resumed = run(compose_config(common + ["ckpt_path=last"], tmp_path / "resumed"))
     assert resumed["global_step"] == 12
 
@@ -129,3 +144,23 @@ def test_evaluation_images_are_resized_to_the_model_input():
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     assert module.preprocess(images, train=True).shape == (2, 3, 16, 16)
     assert module.preprocess(images, train=False).shape == (2, 3, 16, 16)
+
+
+def test_a_trailing_partial_accumulation_is_skipped(tmp_path):
+    # 4 batches of 32 an epoch, 3 accumulated per step: one full step, the fourth batch skipped
+    results = run(compose_config(TINY + ["trainer.max_epochs=2", "task.effective_batch_size=96"], tmp_path))
+    assert results["effective_batch_size"] == 96
+    assert results["global_step"] == 2
+
+
+def test_each_rank_draws_its_own_stream_and_a_rank_repeats_its_own():
+    from types import SimpleNamespace
+
+    from maelab.callbacks.seeding import RandomState
+
+    def draws(rank: int) -> torch.Tensor:
+        RandomState(seed=7).setup(SimpleNamespace(global_rank=rank), None, "fit")
+        return torch.rand(5)
+
+    assert torch.equal(draws(0), draws(0))
+    assert not torch.equal(draws(0), draws(1))

@@ -4,12 +4,15 @@ Each problem is reported as ``key=value: what is accepted``; all problems at onc
 stops. Keys a task does not have are not checked, so one list serves every task.
 """
 
+import logging
 from collections.abc import Callable
 from numbers import Real
 
 from omegaconf import DictConfig, OmegaConf
 
 from maelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _ABSENT = object()
 
@@ -55,6 +58,8 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("data.batch_size", positive_int, "a positive integer (images per device)"),
     ("data.eval_batch_size", lambda v: v is None or positive_int(v), "null or a positive integer"),
     ("data.num_classes", positive_int, "a positive integer"),
+    ("data.num_train", positive_int, "a positive number of images"),
+    ("data.num_test", positive_int, "a positive number of images"),
     ("data.val_size", lambda v: _is_int(v) and v >= 0, "0 (validate on test) or a number of held-out images"),
     ("data.mean", per_channel(positive=False), "three numbers, one per RGB channel"),
     ("data.std", per_channel(positive=True), "three positive numbers, one per RGB channel"),
@@ -76,9 +81,9 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
         lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v),
         "two numbers in [0, 1), e.g. [0.9, 0.95]",
     ),
-    ("task.augment.scale", pair(1e-9, 1.0), "[min, max] area fractions with 0 < min <= max <= 1, e.g. [0.2, 1.0]"),
-    ("task.augment.ratio", pair(1e-9, None), "[min, max] aspect ratios with 0 < min <= max, e.g. [0.75, 1.333]"),
-    ("task.augment.interpolation", lambda v: v in ("bilinear", "bicubic", "nearest"), "bilinear, bicubic or nearest"),
+    ("augment.scale", pair(1e-9, 1.0), "[min, max] area fractions with 0 < min <= max <= 1, e.g. [0.2, 1.0]"),
+    ("augment.ratio", pair(1e-9, None), "[min, max] aspect ratios with 0 < min <= max, e.g. [0.75, 1.333]"),
+    ("augment.interpolation", lambda v: v in ("bilinear", "bicubic", "nearest"), "bilinear, bicubic or nearest"),
     ("callbacks.last_checkpoint.every_n_epochs", positive_int, "a positive integer"),
     ("callbacks.periodic_checkpoint.every_n_epochs", positive_int, "a positive integer"),
     ("callbacks.reconstructions.every_n_epochs", positive_int, "a positive integer"),
@@ -135,3 +140,11 @@ def validate(cfg: DictConfig) -> None:
     problems += _relations(get)  # each relation checks only keys that are valid alone
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    warmup, epochs = get("task.warmup_epochs"), get("trainer.max_epochs")
+    if non_negative(warmup) and positive_int(epochs) and warmup >= epochs:
+        log.warning(
+            "task.warmup_epochs=%s >= trainer.max_epochs=%s: the whole run is warmup, the lr never "
+            "reaches its peak (fine for a smoke test)",
+            warmup,
+            epochs,
+        )

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -90,6 +91,7 @@ def build(cfg: DictConfig):
     import lightning as L
     from hydra.utils import instantiate
 
+    from maelab.callbacks.seeding import RandomState
     from maelab.checkpoints import AtomicCheckpointIO
 
     quiet_lightning()
@@ -100,6 +102,7 @@ def build(cfg: DictConfig):
         model=cfg.model,
         target=cfg.target,
         masking=cfg.masking,
+        augment=cfg.get("augment") or None,
         img_size=cfg.data.img_size,
         mean=cfg.data.mean,
         std=cfg.data.std,
@@ -107,6 +110,7 @@ def build(cfg: DictConfig):
         _convert_="all",
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(RandomState(cfg.seed))  # not optional: per-rank streams, exact resumption
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(
         cfg.trainer,
@@ -117,6 +121,23 @@ def build(cfg: DictConfig):
     )
     derive_accumulation(cfg, trainer)
     return datamodule, module, trainer
+
+
+@contextmanager
+def one_job_of_processes():
+    """Lightning leaves its process group and its launch variables (LOCAL_RANK, MASTER_PORT, ...)
+    behind in the process that launched the DDP workers; the next job of a multirun would take
+    them for its own and wait for workers that never come. Leave the process as it was found."""
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -134,11 +155,12 @@ def run(cfg: DictConfig) -> dict:
 
         check_resumable(ckpt_path, module)
 
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    wall_clock = time.perf_counter() - start
-    last = output_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever the periodic checkpoint schedule
+    with one_job_of_processes():
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        wall_clock = time.perf_counter() - start
+        last = output_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever the periodic schedule
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     results = {
@@ -167,8 +189,29 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def pin_ddp_relaunch_to_this_job() -> None:
+    """Lightning re-launches DDP workers with ``sys.argv`` plus ``hydra.run.dir``. In a multirun
+    job those name the whole sweep and the single-run directory, so each worker would run the
+    sweep again elsewhere; make them name this job's overrides and directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [*sys.argv[:2], *hydra_cfg.overrides.task]  # program, "train", this job's overrides
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
 def task_function(cfg: DictConfig) -> None:
     """What Hydra runs for each job; a user's mistake ends it with its message alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if "experiment" not in HydraConfig.get().runtime.choices:
+        log.warning("no +experiment=NAME given: running the root defaults (conf/train.yaml)")
+    pin_ddp_relaunch_to_this_job()
     try:
         run(cfg)
     except UserError as e:

@@ -39,6 +39,8 @@ class Throughput(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"train/img_per_s": rate}, step=trainer.global_step)
         loss = trainer.callback_metrics.get("train/loss")
+        if not trainer.is_global_zero:
+            return
         log.info(
             "epoch %d step %d: %.0f img/s, train/loss %s",
             trainer.current_epoch,

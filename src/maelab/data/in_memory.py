@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from maelab.errors import UserError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -76,7 +78,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         if self.val_size:
             n = len(train[0])
             if not 0 < self.val_size < n:
-                raise ValueError(f"data.val_size={self.val_size} must be between 0 and {n - 1}")
+                raise UserError(f"data.val_size={self.val_size} must be between 0 and {n - 1}")
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
             keep, held = order[: n - self.val_size], order[n - self.val_size :]
             self.splits = {"train": (train[0][keep], train[1][keep]), "val": (train[0][held], train[1][held])}
@@ -87,7 +89,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         n = len(self.splits[split][1])
         if train and n < batch_size:
-            raise ValueError(
+            raise UserError(
                 f"data.batch_size={batch_size} is larger than the {n} training images; use a batch size of at most {n}"
             )
         return DataLoader(
@@ -120,7 +122,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
         return self._on_device[key]
 
     def preview_images(self, n: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n images of a split (uint8, CPU): a fixed set to visualise."""
+        """n images evenly spaced through a split (uint8, CPU): a fixed set to visualise that
+        spans the classes even when the split is stored sorted by class."""
         self.setup()
         images, labels = self.splits[split]
-        return images[:n], labels[:n]
+        index = torch.linspace(0, len(images) - 1, min(n, len(images))).long()
+        return images[index], labels[index]

@@ -11,6 +11,7 @@ import math
 import torch
 
 from maelab.data.in_memory import InMemoryImageDataModule
+from maelab.errors import UserError
 
 NUM_SHAPES = 5
 MAX_CLASSES = 2 * NUM_SHAPES  # five shapes in two palettes
@@ -35,7 +36,7 @@ def shape_masks(kind: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch
 def make_shapes(n: int, size: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n images uint8 (n, 3, size, size) and labels int64 (n,), a pure function of the seed."""
     if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"data.num_classes={num_classes}: synthetic shapes have 1 to {MAX_CLASSES} classes")
+        raise UserError(f"data.num_classes={num_classes}: synthetic shapes have 1 to {MAX_CLASSES} classes")
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):

@@ -1,11 +1,17 @@
 """Optimiser policy shared by every task: weight-decay groups, the paper's lr scaling rule, and
-linear warmup followed by a half-cycle cosine, stepped every optimizer step."""
+linear warmup followed by a half-cycle cosine, stepped every optimizer step.
+
+One deliberate difference from the official pretraining code: there, timm's ``add_weight_decay``
+without a skip list decays the cls and mask tokens (3-D tensors); here they are not decayed, like
+biases, norms and position embeddings."""
 
 import math
 
 import lightning as L
 import torch
 from torch import nn
+
+from maelab.errors import UserError
 
 # Parameters that are not weight matrices although they have several dimensions.
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
@@ -45,12 +51,25 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def full_step_batches(trainer: L.Trainer) -> int:
+    """Training batches per epoch that fill whole optimizer steps. A trailing partial
+    accumulation would step with a fraction of the effective batch, so it is skipped."""
+    accumulate = trainer.accumulate_grad_batches
+    batches = (trainer.num_training_batches // accumulate) * accumulate
+    if batches == 0:
+        raise UserError(
+            f"an epoch has {trainer.num_training_batches} batches, fewer than the {accumulate} accumulated per "
+            "optimizer step: lower task.effective_batch_size or use more data"
+        )
+    return batches
+
+
 def schedule_steps(trainer: L.Trainer, warmup_epochs: float) -> tuple[int, int]:
     """(warmup_steps, total_steps) in optimizer steps. The schedule follows max_epochs, so
     ``trainer.max_steps`` only cuts a run short without reshaping its lr curve; with
     ``max_epochs=-1`` it follows max_steps."""
     estimated = trainer.estimated_stepping_batches  # also sets up the train dataloader
-    steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    steps_per_epoch = full_step_batches(trainer) // trainer.accumulate_grad_batches
     if trainer.max_epochs is not None and trainer.max_epochs > 0:
         total = steps_per_epoch * trainer.max_epochs
     else:
@@ -81,7 +100,9 @@ def adamw_warmup_cosine(
         betas=tuple(betas),
         fused=module.device.type == "cuda",  # one kernel for the whole update on GPU
     )
-    min_ratio = min_lr / module.lr if module.lr > 0 else 0.0
+    if min_lr > module.lr:
+        raise UserError(f"task.min_lr={min_lr} is above the scaled lr {module.lr:.3g}: the cosine would climb")
+    min_ratio = min_lr / module.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
     )

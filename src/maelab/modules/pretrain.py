@@ -7,8 +7,7 @@ from hydra.utils import instantiate
 
 from maelab.data.transforms import normalize
 from maelab.models.mae import MaskedAutoencoder
-from maelab.modules.optim import adamw_warmup_cosine
-from maelab.modules.rng import restore_rng_states, rng_states
+from maelab.modules.optim import adamw_warmup_cosine, full_step_batches
 
 
 class PretrainModule(L.LightningModule):
@@ -62,6 +61,11 @@ class PretrainModule(L.LightningModule):
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", antialias=True)
         return x
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
+        if batch_idx >= full_step_batches(self.trainer):
+            return -1  # the rest of the epoch cannot fill an optimizer step: skip it
+        return None
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, _ = batch
         loss, _, _ = self.model(self.preprocess(images, train=True), self.mask_ratio)
@@ -81,10 +85,3 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         return adamw_warmup_cosine(self, self.model, hp.base_lr, hp.min_lr, hp.weight_decay, hp.betas, hp.warmup_epochs)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()  # resuming continues the same random stream
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
