@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from maelab.train import config_dir
+from maelab.cli import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

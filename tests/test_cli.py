@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from maelab.train import config_dir
+from maelab.cli import config_dir
 from tests.conftest import maelab
 
 EXPERIMENTS = sorted(p.stem for p in Path(config_dir(), "experiment").glob("*.yaml"))

@@ -8,11 +8,11 @@ import timm
 import torch
 import yaml
 
+from maelab.cli import config_dir
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.patches import patchify, unpatchify
 from maelab.models.pos_embed import get_2d_sincos_pos_embed
 from maelab.models.vit import VisionTransformer
-from maelab.train import config_dir
 
 
 def tiny_mae(**kwargs) -> MaskedAutoencoder:

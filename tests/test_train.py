@@ -57,11 +57,11 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical_to_an_uninterrupted_one(tm
 
 
 def test_run_writes_results_metrics_and_reconstructions(tmp_path):
-    results = run(compose_config(TINY + ["trainer.max_epochs=2"], tmp_path))
+    results = run(compose_config(TINY + ["trainer.max_epochs=2", "task.base_lr=1e-3"], tmp_path))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["global_step"] == 8 and on_disk["epochs"] == 2
     assert on_disk["effective_batch_size"] == 32
-    assert on_disk["lr"] == pytest.approx(1.5e-4 * 32 / 256)
+    assert on_disk["lr"] == pytest.approx(1e-3 * 32 / 256)
     assert on_disk["train/img_per_s"] > 0
     assert 0 < on_disk["last"]["train/loss"] < 5 and 0 < on_disk["last"]["val/loss"] < 5
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -95,10 +95,11 @@ def test_ckpt_path_last_without_a_checkpoint_names_the_file(tmp_path):
 
 
 def test_a_recipe_effective_batch_is_reached_by_accumulating(tmp_path):
-    results = run(compose_config(TINY + ["trainer.max_epochs=1", "task.effective_batch_size=64"], tmp_path))
+    overrides = ["trainer.max_epochs=1", "task.effective_batch_size=64", "task.base_lr=1e-3"]
+    results = run(compose_config(TINY + overrides, tmp_path))
     assert results["effective_batch_size"] == 64  # 32 per step x 2 accumulated
     assert results["global_step"] == 128 // 64
-    assert results["lr"] == pytest.approx(1.5e-4 * 64 / 256)
+    assert results["lr"] == pytest.approx(1e-3 * 64 / 256)
 
 
 @pytest.mark.parametrize(

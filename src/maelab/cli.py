@@ -1,17 +1,91 @@
-"""``maelab <command> [args]``: a thin dispatcher. ``train`` hands the rest of the line to Hydra.
+"""``maelab <command> [args]``: a thin dispatcher. ``train`` hands the rest of the line to Hydra,
+whose job is ``maelab.train.run``.
 
 The command word stays in ``sys.argv``: Lightning re-launches DDP workers with ``sys.argv``, and
 they arrive here again and run the same command.
 """
 
 import argparse
+import logging
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maelab import __version__
+from maelab.errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 COMMANDS = {
     "train": "pretrain or fine-tune: a Hydra app (maelab train --help lists its config groups)",
 }
+
+
+def config_dir() -> Path:
+    """Wheels carry conf/ inside the package; an editable install reads the checkout's conf/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise RuntimeError(f"maelab's configs are missing: no conf/train.yaml in {here} or {here.parents[1]}")
+
+
+def pin_ddp_relaunch_to_this_job() -> None:
+    """Lightning re-launches DDP workers with ``sys.argv`` plus ``hydra.run.dir``. In a multirun
+    job those name the whole sweep and the single-run directory, so each worker would run the
+    sweep again elsewhere; make them name this job's overrides and directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [*sys.argv[:2], *hydra_cfg.overrides.task]  # program, "train", this job's overrides
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+def task_function(cfg: "DictConfig") -> None:
+    """What Hydra runs for each job; a user's mistake ends it with its message alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if "experiment" not in HydraConfig.get().runtime.choices:
+        log.warning("no +experiment=NAME given: running the root defaults (conf/train.yaml)")
+    pin_ddp_relaunch_to_this_job()
+    from maelab.train import run
+
+    try:
+        run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def hydra_main(args: list[str]) -> None:
+    """Run Hydra on ``args`` (the words after ``maelab train``).
+
+    ``hydra.main`` parses ``sys.argv`` itself, which holds the command word. We parse our own
+    argument list and leave ``sys.argv`` whole, because Lightning re-launches DDP workers with
+    ``sys.argv`` and they must run ``maelab train ...`` again. ``_run_hydra`` is what
+    ``hydra.main`` calls; hydra-core is pinned to 1.3 for it.
+    """
+    from hydra import version
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    version.setbase("1.3")
+    parser = get_args_parser()
+    parser.prog = "maelab train"
+    _run_hydra(
+        args=parser.parse_args(args),
+        args_parser=parser,
+        task_function=task_function,
+        config_path=str(config_dir()),
+        config_name="train",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parsed = _parser().parse_args(argv)
     if parsed.command == "train":
-        from maelab.train import hydra_main
-
         hydra_main(parsed.args)
     return 0
 

@@ -1,10 +1,9 @@
-"""``maelab train``: compose the config with Hydra, build datamodule, module, callbacks, loggers
-and trainer from it, fit, and write results.json into the run's output directory."""
+"""``run(cfg)``: build datamodule, module, callbacks, loggers and trainer from a composed config,
+fit, and write results.json into the run's output directory."""
 
 import json
 import logging
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,15 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from maelab.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-def config_dir() -> Path:
-    """Wheels carry conf/ inside the package; an editable install reads the checkout's conf/."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise RuntimeError(f"maelab's configs are missing: no conf/train.yaml in {here} or {here.parents[1]}")
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str:
@@ -187,56 +177,3 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def pin_ddp_relaunch_to_this_job() -> None:
-    """Lightning re-launches DDP workers with ``sys.argv`` plus ``hydra.run.dir``. In a multirun
-    job those name the whole sweep and the single-run directory, so each worker would run the
-    sweep again elsewhere; make them name this job's overrides and directory."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import open_dict, read_write
-
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return
-    sys.argv = [*sys.argv[:2], *hydra_cfg.overrides.task]  # program, "train", this job's overrides
-    with read_write(hydra_cfg), open_dict(hydra_cfg):
-        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
-
-
-def task_function(cfg: DictConfig) -> None:
-    """What Hydra runs for each job; a user's mistake ends it with its message alone."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if "experiment" not in HydraConfig.get().runtime.choices:
-        log.warning("no +experiment=NAME given: running the root defaults (conf/train.yaml)")
-    pin_ddp_relaunch_to_this_job()
-    try:
-        run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def hydra_main(args: list[str]) -> None:
-    """Run Hydra on ``args`` (the words after ``maelab train``).
-
-    ``hydra.main`` parses ``sys.argv`` itself, which holds the command word. We parse our own
-    argument list and leave ``sys.argv`` whole, because Lightning re-launches DDP workers with
-    ``sys.argv`` and they must run ``maelab train ...`` again. ``_run_hydra`` is what
-    ``hydra.main`` calls; hydra-core is pinned to 1.3 for it.
-    """
-    from hydra import version
-    from hydra._internal.utils import _run_hydra, get_args_parser
-
-    version.setbase("1.3")
-    parser = get_args_parser()
-    parser.prog = "maelab train"
-    _run_hydra(
-        args=parser.parse_args(args),
-        args_parser=parser,
-        task_function=task_function,
-        config_path=str(config_dir()),
-        config_name="train",
-    )
