@@ -52,6 +52,25 @@ TINY = [
 ]
 
 
+def tiny_pretrain_module(**overrides):
+    """A PretrainModule of a few thousand parameters on 16 px images."""
+    from maelab.modules.pretrain import PretrainModule
+
+    args = dict(
+        model=dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
+        target={"_target_": "maelab.models.targets.NormPixelTarget"},
+        masking={"_target_": "maelab.models.masking.RandomMasking"},
+        augment=None,
+        img_size=16,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        decoder_width=16,
+        decoder_depth=1,
+        decoder_heads=2,
+    )
+    return PretrainModule(**{**args, **overrides})
+
+
 @pytest.fixture
 def cifar10_root() -> Path:
     """The extracted cifar10-jpeg copy that .ci/run points MAELAB_CIFAR10 at."""

@@ -8,7 +8,7 @@ import pytest
 from maelab.data.synthetic import SyntheticDataModule
 from maelab.models.mae import MaskedAutoencoder
 from maelab.modules.optim import param_groups_weight_decay, warmup_cosine
-from maelab.modules.pretrain import PretrainModule
+from tests.conftest import tiny_pretrain_module
 
 
 def test_weight_decay_only_on_weight_matrices():
@@ -57,28 +57,12 @@ def test_warmup_then_half_cycle_cosine():
     assert math.isclose(warmup_cosine(500, 10, 110), 0.0)  # past the end it stays at the floor
 
 
-def module(**kwargs) -> PretrainModule:
-    return PretrainModule(
-        model=dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
-        target={"_target_": "maelab.models.targets.NormPixelTarget"},
-        masking={"_target_": "maelab.models.masking.RandomMasking"},
-        augment=None,
-        img_size=16,
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        decoder_width=16,
-        decoder_depth=1,
-        decoder_heads=2,
-        **kwargs,
-    )
-
-
 @pytest.mark.parametrize("accumulate", [1, 4])
 def test_lr_follows_the_effective_batch_and_steps_each_optimizer_step(accumulate, tmp_path):
     dm = SyntheticDataModule(
         num_train=256, num_test=16, batch_size=8, img_size=16, num_classes=4, mean=[0.5] * 3, std=[0.25] * 3
     )
-    pm = module(base_lr=1e-3, warmup_epochs=1)
+    pm = tiny_pretrain_module(base_lr=1e-3, warmup_epochs=1)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=10,

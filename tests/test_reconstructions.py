@@ -3,23 +3,12 @@
 import torch
 
 from maelab.callbacks.reconstructions import reconstruction_grid
-from maelab.modules.pretrain import PretrainModule
+from tests.conftest import tiny_pretrain_module
 
 
 def test_grid_columns_are_masked_input_reconstruction_and_original():
     torch.manual_seed(0)
-    module = PretrainModule(
-        model=dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
-        target={"_target_": "maelab.models.targets.NormPixelTarget"},
-        masking={"_target_": "maelab.models.masking.RandomMasking"},
-        augment=None,
-        img_size=16,
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        decoder_width=16,
-        decoder_depth=1,
-        decoder_heads=2,
-    )
+    module = tiny_pretrain_module()
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     grid = reconstruction_grid(module, images)
     pad, size = 2, 16

@@ -9,7 +9,7 @@ import torch
 
 from maelab import checkpoints
 from maelab.train import run
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, tiny_pretrain_module
 
 
 def weights(path) -> dict:
@@ -128,19 +128,9 @@ def test_resuming_into_another_architecture_names_what_differs(tmp_path):
 
 
 def test_evaluation_images_are_resized_to_the_model_input():
-    from maelab.modules.pretrain import PretrainModule
-
-    module = PretrainModule(
-        model=dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
+    module = tiny_pretrain_module(
         target={"_target_": "maelab.models.targets.PixelTarget"},
-        masking={"_target_": "maelab.models.masking.RandomMasking"},
         augment={"_target_": "maelab.data.transforms.RandomResizedCropFlip"},
-        img_size=16,
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
-        decoder_width=16,
-        decoder_depth=1,
-        decoder_heads=2,
     )
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     assert module.preprocess(images, train=True).shape == (2, 3, 16, 16)
