@@ -8,6 +8,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from maelab.cli import config_dir
+from maelab.resolvers import register_resolvers
+
+register_resolvers()
 
 REPO = Path(__file__).resolve().parents[1]
 

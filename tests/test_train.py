@@ -155,3 +155,19 @@ def test_each_rank_draws_its_own_stream_and_a_rank_repeats_its_own():
 
     assert torch.equal(draws(0), draws(0))
     assert not torch.equal(draws(0), draws(1))
+
+
+def test_the_cifar_recipe_holds_its_effective_batch_on_a_gpu_or_a_cpu(tmp_path, monkeypatch):
+    """The recipe's per-device batch is a hardware setting: the whole 4096 on a GPU, 16 x 256
+    accumulated on a CPU; the effective batch and learning rate stay the recipe's."""
+    import torch
+
+    cfg = compose_config(["+experiment=mae_vitt_cifar10"], tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cfg.data.batch_size == 256
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cfg.data.batch_size == 4096
+    cfg.trainer.accelerator = "cpu"
+    assert cfg.data.batch_size == 256
+    cfg.data.batch_size = 512  # a number is taken as it is
+    assert cfg.data.batch_size == 512

@@ -76,7 +76,10 @@ def hydra_main(args: list[str]) -> None:
     from hydra import version
     from hydra._internal.utils import _run_hydra, get_args_parser
 
+    from maelab.resolvers import register_resolvers
+
     version.setbase("1.3")
+    register_resolvers()
     parser = get_args_parser()
     parser.prog = "maelab train"
     _run_hydra(

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from maelab.errors import UserError
+from maelab.resolvers import register_resolvers, runs_on_gpu
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,7 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
         return precision
     import torch
 
-    on_gpu = trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if runs_on_gpu(trainer_cfg) and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -134,6 +134,7 @@ def run(cfg: DictConfig) -> dict:
     """Train as the config says; return (and write) the run's results."""
     from maelab.config_checks import validate
 
+    register_resolvers()
     validate(cfg)  # before the heavy imports: a bad value fails in a second
     from maelab.callbacks.throughput import Throughput
 

@@ -9,6 +9,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from maelab.errors import UserError
@@ -94,6 +95,11 @@ def adamw_warmup_cosine(
     module.lr = scaled_lr(base_lr, module.effective_batch_size)
     warmup_steps, total_steps = schedule_steps(trainer, warmup_epochs)
     module.schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps}
+    rank_zero_info(
+        f"effective batch {module.effective_batch_size} = {per_device_batch} per device x {trainer.world_size} "
+        f"device(s) x {trainer.accumulate_grad_batches} accumulated; lr = {base_lr:g} x "
+        f"{module.effective_batch_size}/256 = {module.lr:.4g}; {warmup_steps} warmup of {total_steps} steps"
+    )
     optimizer = torch.optim.AdamW(
         param_groups_weight_decay(model, weight_decay),
         lr=module.lr,

@@ -1,0 +1,22 @@
+"""OmegaConf resolvers used by maelab's configs, registered before any config is resolved."""
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def runs_on_gpu(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config will train on a CUDA GPU (``accelerator: auto`` picks one if present)."""
+    import torch
+
+    return trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def on_gpu(gpu_value, cpu_value, *, _root_: DictConfig):
+    """``${on_gpu:A,B}``: A when the run trains on a GPU, else B. For hardware settings such as
+    the per-device batch, which a recipe sets for the GPU it was tuned on but a CPU cannot hold;
+    the effective batch (and so the learning rate) stays the recipe's through accumulation."""
+    return gpu_value if runs_on_gpu(_root_.trainer) else cpu_value
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("on_gpu"):
+        OmegaConf.register_new_resolver("on_gpu", on_gpu)
