@@ -64,11 +64,11 @@ def test_every_experiment_composes(tmp_path, experiment):
 
 def test_help_lists_commands_and_config_groups(tmp_path):
     top = maelab("--help", cwd=tmp_path)
-    assert top.returncode == 0 and "train" in top.stdout
+    assert top.returncode == 0 and "train" in top.stdout and "export" in top.stdout
     train_help = maelab("train", "--help", cwd=tmp_path)
     assert train_help.returncode == 0
     for group in (
-        "task: pretrain",
+        "task: finetune, linprobe, pretrain, scratch",
         "model: vit_base, vit_huge, vit_large, vit_small, vit_tiny",
         "target: norm_pixel, pixel",
         "experiment: " + ", ".join(EXPERIMENTS),
@@ -105,17 +105,62 @@ def test_every_experiment_passes_the_checks_and_builds(tmp_path, experiment):
     import torch
 
     from maelab.config_checks import validate
-    from maelab.models.mae import MaskedAutoencoder
+    from maelab.train import build
     from tests.conftest import compose_config
 
     cfg = compose_config([f"+experiment={experiment}"], tmp_path)
+    if cfg.task._target_.endswith("ClassifierModule"):
+        cfg.task.pretrained = None  # the random weights of the right shapes
     validate(cfg)
     with torch.device("meta"):  # the real sizes, no memory
-        model = MaskedAutoencoder(
-            img_size=cfg.data.img_size,
-            **cfg.model,
-            decoder_width=cfg.task.decoder_width,
-            decoder_depth=cfg.task.decoder_depth,
-            decoder_heads=cfg.task.decoder_heads,
-        )
-    model.num_visible(cfg.task.mask_ratio)
+        _, module, _ = build(cfg)
+    assert sum(p.numel() for p in module.parameters()) > 10_000
+
+
+def test_the_chain_pretrain_then_fine_tune_probe_and_export(tmp_path):
+    """The README's chain on synthetic data: each stage a separate command on the last one's
+    last.ckpt, each writing results.json."""
+    import json
+
+    from tests.conftest import TINY
+    from tests.test_classifier import TINY_CLASSIFIER
+
+    pre = tmp_path / "pre"
+    done = maelab(
+        "train",
+        *TINY,
+        "trainer.max_epochs=2",
+        "callbacks.knn_monitor.every_n_epochs=1",
+        f"hydra.run.dir={pre}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    pre_results = json.loads((pre / "results.json").read_text())
+    assert 0.0 <= pre_results["last"]["val/knn_acc"] <= 1.0
+    assert "val/knn_acc" in (pre / "csv" / "metrics.csv").read_text().splitlines()[0]
+    ckpt = pre / "checkpoints" / "last.ckpt"
+
+    stages = {  # fine-tuning with its RandAugment in two loader workers, mixup and cutmix
+        "finetune": ["+experiment=finetune_vitt_cifar10", "data.num_workers=2", "task.effective_batch_size=64"],
+        "linprobe": ["+experiment=linprobe_vitt_cifar10"],
+    }
+    for stage, overrides in stages.items():
+        out = tmp_path / stage
+        args = [*overrides, *TINY_CLASSIFIER, "trainer.max_epochs=2", f"task.pretrained={ckpt}"]
+        done = maelab("train", *args, f"hydra.run.dir={out}", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = json.loads((out / "results.json").read_text())
+        assert results["best"]["epoch"] in (0, 1) and 0.0 <= results["test"]["test/acc1"] <= 1.0
+        assert results["config"]["task"]["pretrained"] == str(ckpt)
+
+    done = maelab("export", str(tmp_path / "finetune" / "checkpoints" / "last.ckpt"), "vit.pth", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "timm.create_model('vit_base_patch16_224', pretrained=False, img_size=16" in done.stdout
+    assert "global_pool='avg'" in done.stdout and "num_classes=10" in done.stdout
+    assert (tmp_path / "vit.pth").is_file() and (tmp_path / "vit.pth.json").is_file()
+
+
+def test_a_classifier_without_a_checkpoint_says_what_to_pass(tmp_path):
+    done = maelab("train", "+experiment=finetune_vitt_cifar10", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "task.pretrained is required" in done.stderr and "last.ckpt" in done.stderr

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMMANDS = {
-    "train": "pretrain or fine-tune: a Hydra app (maelab train --help lists its config groups)",
+    "train": "pretrain, fine-tune or probe: a Hydra app (maelab train --help lists its config groups)",
+    "export": "write a checkpoint's encoder as a timm VisionTransformer state dict (maelab export --help)",
 }
 
 
@@ -99,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="commands:\n" + "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items()) + "\n\nexamples:\n"
         "  maelab train +experiment=quickstart\n"
         "  maelab train +experiment=mae_vitt_cifar10 task.mask_ratio=0.9\n"
-        "  maelab train -m +experiment=mae_vitt_cifar10 task.mask_ratio=0.5,0.75,0.9",
+        "  maelab train -m +experiment=mae_vitt_cifar10 task.mask_ratio=0.5,0.75,0.9\n"
+        "  maelab train +experiment=finetune_vitt_cifar10 task.pretrained=<pretraining run>/checkpoints/last.ckpt\n"
+        "  maelab export outputs/finetune_vitt_cifar10/<run>/checkpoints/last.ckpt vit_t2_cifar10.pth",
     )
     parser.add_argument("--version", action="version", version=f"maelab {__version__}")
     parser.add_argument("command", metavar="command", choices=sorted(COMMANDS), help="one of: " + ", ".join(COMMANDS))
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parsed = _parser().parse_args(argv)
     if parsed.command == "train":
         hydra_main(parsed.args)
+    elif parsed.command == "export":
+        from maelab.export import main as export_main
+
+        return export_main(parsed.args)
     return 0
 
 

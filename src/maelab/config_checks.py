@@ -7,6 +7,7 @@ stops. Keys a task does not have are not checked, so one list serves every task.
 import logging
 from collections.abc import Callable
 from numbers import Real
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -81,6 +82,23 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
         lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v),
         "two numbers in [0, 1), e.g. [0.9, 0.95]",
     ),
+    (
+        "task.pretrained",
+        lambda v: v is None or isinstance(v, str),
+        "null (random weights) or a checkpoint: a pretraining run's checkpoints/last.ckpt or an official MAE .pth",
+    ),
+    ("task.init_from", lambda v: v is None or isinstance(v, str), "null or the path of a pretraining checkpoint"),
+    ("task.global_pool", lambda v: v in ("avg", "token"), "avg (mean of patch tokens) or token (cls)"),
+    ("task.optimizer", lambda v: v in ("adamw", "lars"), "adamw or lars"),
+    ("task.layer_decay", lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1], 1.0 for none"),
+    ("task.drop_path_rate", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("task.trainable_blocks", lambda v: v is None or (_is_int(v) and v >= 0), "null or a number of blocks >= 0"),
+    ("task.mixup", non_negative, "a Beta alpha >= 0 (0: off)"),
+    ("task.cutmix", non_negative, "a Beta alpha >= 0 (0: off)"),
+    ("task.label_smoothing", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("task.momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("augment.re_prob", lambda v: _is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    ("augment.hflip", lambda v: v is True or v is False or (_is_num(v) and 0 <= v <= 1), "a probability"),
     ("augment.scale", pair(1e-9, 1.0), "[min, max] area fractions with 0 < min <= max <= 1, e.g. [0.2, 1.0]"),
     ("augment.ratio", pair(1e-9, None), "[min, max] aspect ratios with 0 < min <= max, e.g. [0.75, 1.333]"),
     ("augment.interpolation", lambda v: v in ("bilinear", "bicubic", "nearest"), "bilinear, bicubic or nearest"),
@@ -120,6 +138,24 @@ def _relations(get: Callable[[str], object]) -> list[str]:
             problems.append(f"{width_key}={width}: must be divisible by {heads_key}={heads}")
         if positive_int(width) and width % 4:
             problems.append(f"{width_key}={width}: must be divisible by 4 (2-D sin-cos position embedding)")
+    for key in ("task.pretrained", "task.init_from"):
+        path = get(key)
+        if isinstance(path, str) and not Path(path).expanduser().is_file():
+            problems.append(f"{key}={path}: no such file (relative paths start at {Path.cwd()})")
+    depth, trainable = get("model.depth"), get("task.trainable_blocks")
+    if positive_int(depth) and _is_int(trainable) and trainable > depth:
+        problems.append(f"task.trainable_blocks={trainable}: the encoder has only model.depth={depth} blocks")
+    mixing = any(_is_num(get(k)) and get(k) > 0 for k in ("task.mixup", "task.cutmix"))
+    batch = get("data.batch_size")
+    if mixing and positive_int(batch) and batch % 2:
+        problems.append(f"data.batch_size={batch}: mixup/cutmix pair images, so it must be even")
+    classifier = str(get("task._target_")).endswith("ClassifierModule")
+    for name in ("reconstructions", "knn_monitor"):
+        if classifier and get(f"callbacks.{name}") not in (_ABSENT, None):
+            problems.append(
+                f"callbacks.{name}: monitors MAE pretraining, and this task classifies; "
+                f"choose callbacks=classifier (the classifier experiments do) or drop it with ~callbacks.{name}"
+            )
     if get("trainer.max_epochs") == -1 and get("trainer.max_steps") == -1:
         problems.append("trainer.max_epochs=-1 and trainer.max_steps=-1: set one of them to a positive number")
     return problems
@@ -134,6 +170,11 @@ def validate(cfg: DictConfig) -> None:
 
     problems = []
     for key, accepts, accepted in RULES:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if OmegaConf.is_config(node) and leaf in node.keys() and OmegaConf.is_missing(node, leaf):
+            problems.append(f"{key} is required: expected {accepted}")
+            continue
         value = get(key)
         if value is not _ABSENT and not accepts(value):
             problems.append(f"{key}={value!r}: expected {accepted}")

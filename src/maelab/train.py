@@ -1,6 +1,7 @@
 """``run(cfg)``: build datamodule, module, callbacks, loggers and trainer from a composed config,
 fit, and write results.json into the run's output directory."""
 
+import inspect
 import json
 import logging
 import os
@@ -79,28 +80,41 @@ def derive_accumulation(cfg: DictConfig, trainer) -> None:
 def build(cfg: DictConfig):
     """(datamodule, module, trainer) from a composed config."""
     import lightning as L
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
+    from maelab.callbacks.metric_history import MetricHistory
     from maelab.callbacks.seeding import RandomState
     from maelab.checkpoints import AtomicCheckpointIO
 
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
+    module_class = get_class(cfg.task._target_)
+    augment = cfg.get("augment") or None
+    if augment is not None and getattr(get_class(augment._target_), "in_loader", False):
+        # a per-image (PIL) augmentation runs in the training DataLoader, not on the device
+        datamodule.train_transform = instantiate(augment, size=cfg.data.img_size, mean=cfg.data.mean, std=cfg.data.std)
+        augment = None
+    inputs = {  # what the run provides; each task takes what its constructor names
+        "model": cfg.model,
+        "target": cfg.get("target"),
+        "masking": cfg.get("masking"),
+        "augment": augment,
+        "img_size": cfg.data.img_size,
+        "num_classes": cfg.data.num_classes,
+        "mean": cfg.data.mean,
+        "std": cfg.data.std,
+    }
+    wanted = inspect.signature(module_class).parameters
     module = instantiate(
         cfg.task,
-        model=cfg.model,
-        target=cfg.target,
-        masking=cfg.masking,
-        augment=cfg.get("augment") or None,
-        img_size=cfg.data.img_size,
-        mean=cfg.data.mean,
-        std=cfg.data.std,
+        **{k: v for k, v in inputs.items() if k in wanted},
         _recursive_=False,  # the module builds its parts; its hyper-parameters stay plain values
         _convert_="all",
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(RandomState(cfg.seed))  # not optional: per-rank streams, exact resumption
+    callbacks.append(MetricHistory())  # results.json's best and last
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(
         cfg.trainer,
@@ -136,6 +150,7 @@ def run(cfg: DictConfig) -> dict:
 
     register_resolvers()
     validate(cfg)  # before the heavy imports: a bad value fails in a second
+    from maelab.callbacks.metric_history import MetricHistory
     from maelab.callbacks.throughput import Throughput
 
     output_dir = Path(cfg.paths.output_dir)
@@ -152,8 +167,15 @@ def run(cfg: DictConfig) -> dict:
         wall_clock = time.perf_counter() - start
         last = output_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever the periodic schedule
+        last_metrics = {
+            "epoch": trainer.current_epoch - 1,
+            **{k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
+        }
+        test = evaluate_on_test(cfg, trainer, module, datamodule)
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    history = next(c for c in trainer.callbacks if isinstance(c, MetricHistory))
+    monitor, mode = getattr(module, "monitor", ("val/loss", "min"))
     results = {
         "name": cfg.name,
         "task": cfg.task._target_.rsplit(".", 1)[-1],
@@ -163,7 +185,11 @@ def run(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "effective_batch_size": getattr(module, "effective_batch_size", None),
         "lr": getattr(module, "lr", None),
-        "last": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
+        "last": last_metrics,
+        "best": history.best(monitor, mode),  # chosen on the validation split by `monitor`
+        "monitor": f"{monitor} ({mode})",
+        "val_split": "test" if not cfg.data.get("val_size") else f"{cfg.data.val_size} held-out training images",
+        "test": test,  # the final weights on the test split, when it is not the validation split
         "train/img_per_s": throughput.steady_state if throughput else None,
         "wall_clock_s": round(wall_clock, 2),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -171,6 +197,17 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         write_json(output_dir / "results.json", results)
     return results
+
+
+def evaluate_on_test(cfg: DictConfig, trainer, module, datamodule) -> dict | None:
+    """The final weights on the test split, once, for tasks that evaluate (classifiers), when
+    the test split is not already the validation split. Never used to pick a checkpoint."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("test_step", module) or not cfg.data.get("val_size"):
+        return None
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return {k: float(v) for k, v in sorted(metrics.items())}
 
 
 def write_json(path: Path, data: dict) -> None:

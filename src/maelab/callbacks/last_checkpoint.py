@@ -16,4 +16,4 @@ class LastCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            trainer.save_checkpoint(self.path)  # all ranks take part; rank 0 writes
+            trainer.save_checkpoint(self.path, weights_only=False)  # all ranks take part; rank 0 writes

@@ -6,6 +6,7 @@ from a copy of the split that lives on the training device. On a GPU a batch the
 gather: no worker decodes, collates or copies images in the loop.
 """
 
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,6 +27,19 @@ class IndexBatch:
     indices: torch.Tensor
 
 
+class _Transformed(Dataset):
+    """Images of a split through a per-image transform (in DataLoader workers)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
 class _Indices(Dataset):
     def __init__(self, n: int):
         self.n = n
@@ -44,7 +58,11 @@ def _collate(indices: list[int], split: str) -> IndexBatch:
 class InMemoryImageDataModule(L.LightningDataModule):
     """Subclasses implement ``load_split(split) -> (uint8 (N, C, H, W), int64 (N,))`` for
     'train' and 'test'. ``val_size > 0`` holds that many training images out as the validation
-    split (a fixed, seeded draw); 0 validates on the test split."""
+    split (a fixed, seeded draw); 0 validates on the test split.
+
+    ``train_transform`` (set by ``build`` for augmentations that need PIL images, such as
+    RandAugment) switches the training loader to per-image transforms in ``num_workers``
+    workers; evaluation stays a gather on the device."""
 
     def __init__(
         self,
@@ -56,6 +74,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         val_size: int = 0,
         split_seed: int = 0,
+        num_workers: int | None = None,
     ):
         super().__init__()
         self.batch_size = batch_size
@@ -65,6 +84,8 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.mean, self.std = list(mean), list(std)
         self.val_size = val_size
         self.split_seed = split_seed
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.train_transform = None
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._on_device: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -101,7 +122,19 @@ class InMemoryImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, train=True)
+        loader = self._loader("train", self.batch_size, train=True)
+        if self.train_transform is None:
+            return loader
+        images, labels = self.splits["train"]
+        return DataLoader(
+            _Transformed(images, labels, self.train_transform),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, train=False)
@@ -109,7 +142,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, train=False)
 
-    def on_after_batch_transfer(self, batch: IndexBatch, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, IndexBatch):
+            return batch  # (normalised float images, labels) from train_transform
         images, labels = self.split_on(batch.split, batch.indices.device)
         return images[batch.indices], labels[batch.indices]  # uint8 (N, C, H, W), int64 (N,)
 

@@ -22,6 +22,20 @@ def normalize(imgs: torch.Tensor, mean: list[float], std: list[float]) -> torch.
     return (imgs.float() - m) / s
 
 
+def model_input(images: torch.Tensor, mean: list[float], std: list[float], size: int, augment=None) -> torch.Tensor:
+    """A batch as the model takes it: uint8 (N, 3, H, W) on the device -> normalised float at
+    ``size``, augmented by ``augment`` (a batched device transform) when given. Float batches
+    come from a DataLoader transform that already normalised them, and pass through."""
+    if images.dtype != torch.uint8:
+        return images
+    x = normalize(images, mean, std)
+    if augment is not None:
+        return augment(x)  # crops to size
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+    return x
+
+
 def denormalize(imgs: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """Inverse of ``normalize``, to [0, 1] floats (clamped only for display)."""
     m = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)

@@ -65,6 +65,12 @@ def full_step_batches(trainer: L.Trainer) -> int:
     return batches
 
 
+def skip_partial_accumulation(trainer: L.Trainer, batch_idx: int) -> int | None:
+    """``on_train_batch_start``'s answer: -1 (skip the rest of the epoch) once the remaining
+    batches cannot fill an optimizer step."""
+    return -1 if batch_idx >= full_step_batches(trainer) else None
+
+
 def schedule_steps(trainer: L.Trainer, warmup_epochs: float) -> tuple[int, int]:
     """(warmup_steps, total_steps) in optimizer steps. The schedule follows max_epochs, so
     ``trainer.max_steps`` only cuts a run short without reshaping its lr curve; with
@@ -78,17 +84,36 @@ def schedule_steps(trainer: L.Trainer, warmup_epochs: float) -> tuple[int, int]:
     return round(warmup_epochs * steps_per_epoch), total
 
 
-def adamw_warmup_cosine(
+def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Weight-decay groups with layer-wise lr decay (BEiT; the official fine-tuning): a parameter
+    at depth ``layer_id`` (``model.layer_id``: embeddings 0, block i at i + 1, head depth + 1)
+    learns at ``layer_decay ** (depth + 1 - layer_id)`` times the lr."""
+    top = len(model.blocks) + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = model.layer_id(name)
+        decays = not (p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES)
+        group = groups.setdefault(
+            (layer, decays),
+            {"params": [], "weight_decay": weight_decay if decays else 0.0, "lr_scale": layer_decay ** (top - layer)},
+        )
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
+
+
+def warmup_cosine_schedule(
     module: L.LightningModule,
-    model: nn.Module,
+    groups: list[dict],
+    make_optimizer,
     base_lr: float,
     min_lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
     warmup_epochs: float,
 ) -> dict:
-    """Lightning's ``configure_optimizers`` answer: AdamW on decay groups with the scaled lr and
-    a per-step warmup + cosine schedule. Records the resolved figures on ``module``."""
+    """Lightning's ``configure_optimizers`` answer: ``make_optimizer(groups, lr)`` with the
+    scaled lr (times each group's ``lr_scale``) and a per-step warmup + cosine schedule. Records
+    the resolved figures on ``module``."""
     trainer = module.trainer
     per_device_batch = trainer.datamodule.batch_size
     module.effective_batch_size = effective_batch_size(trainer, per_device_batch)
@@ -100,16 +125,60 @@ def adamw_warmup_cosine(
         f"device(s) x {trainer.accumulate_grad_batches} accumulated; lr = {base_lr:g} x "
         f"{module.effective_batch_size}/256 = {module.lr:.4g}; {warmup_steps} warmup of {total_steps} steps"
     )
-    optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(model, weight_decay),
-        lr=module.lr,
-        betas=tuple(betas),
-        fused=module.device.type == "cuda",  # one kernel for the whole update on GPU
-    )
     if min_lr > module.lr:
         raise UserError(f"task.min_lr={min_lr} is above the scaled lr {module.lr:.3g}: the cosine would climb")
+    for group in groups:
+        group["lr"] = module.lr * group.get("lr_scale", 1.0)
+    optimizer = make_optimizer(groups, module.lr)
     min_ratio = min_lr / module.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw_warmup_cosine(
+    module: L.LightningModule,
+    groups: list[dict],
+    base_lr: float,
+    min_lr: float,
+    betas: tuple[float, float],
+    warmup_epochs: float,
+) -> dict:
+    """AdamW (fused into one kernel on a GPU) under the warmup + cosine schedule."""
+
+    def adamw(groups, lr):
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=module.device.type == "cuda")
+
+    return warmup_cosine_schedule(module, groups, adamw, base_lr, min_lr, warmup_epochs)
+
+
+def lars_warmup_cosine(
+    module: L.LightningModule,
+    groups: list[dict],
+    base_lr: float,
+    min_lr: float,
+    momentum: float,
+    warmup_epochs: float,
+) -> dict:
+    """timm's LARS as the official linear probe uses it: SGD with momentum whose update of each
+    weight matrix is scaled by the trust ratio 0.001 * |w| / |g|; biases and other 1-D
+    parameters take the plain momentum step (the official LARS skips them, timm adapts only
+    where ``always_adapt`` or weight decay is set)."""
+    from timm.optim import Lars
+
+    def lars(groups, lr):
+        return Lars(groups, lr=lr, momentum=momentum, trust_coeff=0.001)
+
+    return warmup_cosine_schedule(module, lars_groups(groups), lars, base_lr, min_lr, warmup_epochs)
+
+
+def lars_groups(groups: list[dict]) -> list[dict]:
+    """Each group split in its weight matrices (trust-ratio adapted) and the rest (not)."""
+    split = []
+    for group in groups:
+        matrices = [p for p in group["params"] if p.ndim > 1]
+        vectors = [p for p in group["params"] if p.ndim <= 1]
+        split += [{**group, "params": matrices, "always_adapt": True}] if matrices else []
+        split += [{**group, "params": vectors, "always_adapt": False}] if vectors else []
+    return split

@@ -2,12 +2,11 @@
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from maelab.data.transforms import normalize
+from maelab.data.transforms import model_input
 from maelab.models.mae import MaskedAutoencoder
-from maelab.modules.optim import adamw_warmup_cosine, full_step_batches
+from maelab.modules.optim import adamw_warmup_cosine, param_groups_weight_decay, skip_partial_accumulation
 
 
 class PretrainModule(L.LightningModule):
@@ -33,6 +32,7 @@ class PretrainModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40,
         effective_batch_size: int | None = None,  # a recipe value; the run derives accumulation from it
+        init_from: str | None = None,  # start from a pretraining checkpoint (maelab or official MAE)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -46,6 +46,10 @@ class PretrainModule(L.LightningModule):
             target=instantiate(target, patch_size=patch_size, in_chans=3),
             masking=instantiate(masking),
         )
+        if init_from:
+            from maelab.pretrained import load_full
+
+            load_full(self.model, init_from)
         self.model.num_visible(mask_ratio)  # fails now, not at the first step, if nothing stays visible
         self.augment = instantiate(augment, size=img_size) if augment else None
         self.mask_ratio = mask_ratio
@@ -54,17 +58,10 @@ class PretrainModule(L.LightningModule):
 
     def preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device -> normalised float (N, 3, img_size, img_size)."""
-        x = normalize(images, self.mean, self.std)
-        if train and self.augment is not None:
-            return self.augment(x)  # crops to img_size
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", antialias=True)
-        return x
+        return model_input(images, self.mean, self.std, self.img_size, self.augment if train else None)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
-        if batch_idx >= full_step_batches(self.trainer):
-            return -1  # the rest of the epoch cannot fill an optimizer step: skip it
-        return None
+        return skip_partial_accumulation(self.trainer, batch_idx)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, _ = batch
@@ -84,4 +81,5 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        return adamw_warmup_cosine(self, self.model, hp.base_lr, hp.min_lr, hp.weight_decay, hp.betas, hp.warmup_epochs)
+        groups = param_groups_weight_decay(self.model, hp.weight_decay)
+        return adamw_warmup_cosine(self, groups, hp.base_lr, hp.min_lr, hp.betas, hp.warmup_epochs)
