@@ -177,7 +177,7 @@ def test_loading_a_pretraining_checkpoint_gives_bit_identical_encoder_weights(pr
     from maelab.train import build
 
     _, module, _ = build(cfg)
-    module.load_pretrained()  # what fitting does first, unless it resumes
+    module.load_initial_weights()  # what a fresh run does (a resumed one takes its own checkpoint)
     source = torch.load(pretrained, weights_only=False)["state_dict"]
     encoder = {k: v for k, v in module.model.state_dict().items() if not k.startswith(("head", "fc_norm"))}
     assert encoder and all(torch.equal(v, source[f"model.{k}"]) for k, v in encoder.items())
@@ -212,6 +212,8 @@ def test_partial_fine_tuning_trains_only_the_last_blocks(tmp_path):
 
     _, module, _ = build(cfg)
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    module.train()
+    assert not module.model.blocks[1].training and module.model.blocks[2].training  # no drop path when frozen
     assert trainable == {
         n for n, _ in module.model.named_parameters() if n.startswith(("blocks.2.", "fc_norm", "head"))
     }
@@ -305,3 +307,16 @@ def test_lars_steps_weight_matrices_by_trust_ratio_and_biases_plainly():
     trust = 0.001 * (2.0 * 6**0.5) / (0.5 * 6**0.5)
     assert torch.allclose(w.detach(), torch.full((2, 3), 2.0 - 10.0 * trust * 0.5))
     assert torch.allclose(b.detach(), torch.tensor([-10.0, 10.0]))
+
+
+def test_a_resumed_classifier_does_not_need_its_pretrained_file(pretrained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "moved_later.ckpt"
+    shutil.copy(pretrained, copy)
+    base = ["+experiment=linprobe_vitt_cifar10", *TINY_CLASSIFIER, f"task.pretrained={copy}", "augment=none"]
+    run(compose_config(base + ["trainer.max_epochs=1"], tmp_path / "run"))
+    copy.unlink()
+    results = run(compose_config(base + ["trainer.max_epochs=2", "ckpt_path=last"], tmp_path / "run"))
+    assert results["epochs"] == 2 and results["best"]["epoch"] in (0, 1)
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()

@@ -107,6 +107,9 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("callbacks.reconstructions.every_n_epochs", positive_int, "a positive integer"),
     ("callbacks.reconstructions.num_images", positive_int, "a positive integer"),
     ("callbacks.throughput.window", positive_int, "a positive number of steps"),
+    ("callbacks.knn_monitor.every_n_epochs", positive_int, "a positive integer"),
+    ("callbacks.knn_monitor.k", positive_int, "a positive number of neighbours"),
+    ("callbacks.knn_monitor.temperature", lambda v: _is_num(v) and v > 0, "a positive number"),
     ("trainer.max_epochs", epochs_or_steps, "a positive integer, or -1 to stop by trainer.max_steps"),
     ("trainer.max_steps", epochs_or_steps, "a positive integer, or -1 to stop by trainer.max_epochs"),
     ("trainer.accumulate_grad_batches", positive_int, "a positive integer"),
@@ -140,11 +143,29 @@ def _relations(get: Callable[[str], object]) -> list[str]:
             problems.append(f"{width_key}={width}: must be divisible by 4 (2-D sin-cos position embedding)")
     for key in ("task.pretrained", "task.init_from"):
         path = get(key)
-        if isinstance(path, str) and not Path(path).expanduser().is_file():
+        resuming = get("ckpt_path") not in (None, _ABSENT)  # a resumed run does not read the file again
+        if isinstance(path, str) and not resuming and not Path(path).expanduser().is_file():
             problems.append(f"{key}={path}: no such file (relative paths start at {Path.cwd()})")
     depth, trainable = get("model.depth"), get("task.trainable_blocks")
     if positive_int(depth) and _is_int(trainable) and trainable > depth:
         problems.append(f"task.trainable_blocks={trainable}: the encoder has only model.depth={depth} blocks")
+    if get("callbacks.best_checkpoint") not in (_ABSENT, None) and get("data.val_size") == 0:
+        problems.append(
+            "callbacks.best_checkpoint: would choose an epoch on the test split (data.val_size=0 validates on "
+            "test); hold training images out with data.val_size=N (the CIFAR-10 experiments use 5000) or "
+            "drop it with ~callbacks.best_checkpoint"
+        )
+    knn, val_every = get("callbacks.knn_monitor.every_n_epochs"), get("trainer.check_val_every_n_epoch")
+    if positive_int(knn) and positive_int(val_every) and knn % val_every:
+        problems.append(
+            f"callbacks.knn_monitor.every_n_epochs={knn}: the monitor runs with validation, so it must be a "
+            f"multiple of trainer.check_val_every_n_epoch={val_every}"
+        )
+    if get("task.freeze_encoder") is True and _is_int(trainable):
+        problems.append(
+            f"task.trainable_blocks={trainable} with task.freeze_encoder=true: choose one "
+            "(a frozen encoder trains no blocks)"
+        )
     mixing = any(_is_num(get(k)) and get(k) > 0 for k in ("task.mixup", "task.cutmix"))
     batch = get("data.batch_size")
     if mixing and positive_int(batch) and batch % 2:
@@ -181,6 +202,13 @@ def validate(cfg: DictConfig) -> None:
     problems += _relations(get)  # each relation checks only keys that are valid alone
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    if get("task.mixup") not in (_ABSENT, None) and not str(get("augment._target_")).endswith("TimmTrainTransform"):
+        if get("task.pretrained") not in (_ABSENT, None) and get("task.freeze_encoder") is False:
+            log.warning(
+                "fine-tuning without RandAugment and random erasing (augment=%s): the official recipe "
+                "uses augment=randaug (randaug_cifar for 32 px)",
+                get("augment._target_") if get("augment._target_") is not _ABSENT else "none",
+            )
     warmup, epochs = get("task.warmup_epochs"), get("trainer.max_epochs")
     if non_negative(warmup) and positive_int(epochs) and warmup >= epochs:
         log.warning(

@@ -66,8 +66,8 @@ def timm_state_dict(state: dict[str, torch.Tensor], global_pool: str) -> tuple[d
         src = "fc_norm" if has_fc_norm else "norm"
         if f"{src}.weight" not in state:
             raise UserError(
-                "this checkpoint has no LayerNorm to put after average pooling (a linear probe whose "
-                "BatchNorm replaced it): export it with the pooling it was trained with"
+                "an average-pooled linear probe (its BatchNorm in place of fc_norm) has no timm layout: "
+                "timm's average pooling always has a LayerNorm before or after it"
             )
         out["fc_norm.weight"], out["fc_norm.bias"] = state[f"{src}.weight"], state[f"{src}.bias"]
     if "head.1.weight" in state:
@@ -123,6 +123,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kwargs = ", ".join(f"{k}={v!r}" for k, v in meta["kwargs"].items())
+    if meta["kwargs"]["global_pool"] == "avg" and meta["kwargs"]["num_classes"] == 0:
+        print("note: fc_norm (after pooling) takes the encoder's final norm: a start for fine-tuning")
     print(f"wrote {args.out}; load it with:")
     print(f"  model = timm.create_model({meta['timm_model']!r}, pretrained=False, {kwargs})")
     print(f"  model.load_state_dict(torch.load({args.out!r}))")

@@ -86,6 +86,7 @@ def load_encoder(model: nn.Module, path: str | Path) -> None:
     state, kind = read_state_dict(path)
     source = f"{path} ({kind})"
     own = model.state_dict()
+    unused = sorted({k.split(".")[0] for k in state if k not in own or k.startswith(HEAD_PREFIXES)})
     state = {k: v for k, v in state.items() if k in own and not k.startswith(HEAD_PREFIXES)}
     missing = [k for k in own if not k.startswith(HEAD_PREFIXES) and k not in state]
     if missing:
@@ -96,7 +97,11 @@ def load_encoder(model: nn.Module, path: str | Path) -> None:
     fit_positions(state, model, source)
     check_shapes(state, own, source)
     model.load_state_dict(state, strict=False)
-    log.info(f"loaded the encoder ({len(state)} tensors) from {source}; head and fc_norm start fresh")
+    fresh = sorted({k.split(".")[0] for k in own if k not in state})
+    log.info(
+        f"loaded the encoder ({len(state)} tensors) from {source}; "
+        f"not used from the file: {', '.join(unused) or 'nothing'}; starting fresh: {', '.join(fresh) or 'nothing'}"
+    )
 
 
 def load_full(model: nn.Module, path: str | Path) -> None:

@@ -52,6 +52,8 @@ def quiet_lightning() -> None:
         logging.getLogger(name).handlers.clear()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # a probe's frozen encoder is in eval mode on purpose (ClassifierModule logs what it froze)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
 
 
 def derive_accumulation(cfg: DictConfig, trainer) -> None:
@@ -160,6 +162,8 @@ def run(cfg: DictConfig) -> dict:
         from maelab.checkpoints import check_resumable
 
         check_resumable(ckpt_path, module)
+    else:
+        module.load_initial_weights()  # task.pretrained / task.init_from: only a fresh run reads them
 
     with one_job_of_processes():
         start = time.perf_counter()
@@ -186,7 +190,8 @@ def run(cfg: DictConfig) -> dict:
         "effective_batch_size": getattr(module, "effective_batch_size", None),
         "lr": getattr(module, "lr", None),
         "last": last_metrics,
-        "best": history.best(monitor, mode),  # chosen on the validation split by `monitor`
+        # chosen on the validation split by `monitor`; never on the test split
+        "best": history.best(monitor, mode) if cfg.data.get("val_size") else None,
         "monitor": f"{monitor} ({mode})",
         "val_split": "test" if not cfg.data.get("val_size") else f"{cfg.data.val_size} held-out training images",
         "test": test,  # the final weights on the test split, when it is not the validation split

@@ -34,7 +34,8 @@ def knn_accuracy(
 
 
 class KNNMonitor(L.Callback):
-    """Logs ``val/knn_acc`` every ``every_n_epochs`` epochs (and after the last): cls-token
+    """Logs ``val/knn_acc`` with the validation of every ``every_n_epochs``-th epoch (and of the
+    last), so it lands in that epoch's metrics; a validation epoch it does not fall on. cls-token
     features of unmasked, un-augmented images. Every rank computes the same figure (the bank is
     the whole training split), so no gather is needed; on CIFAR-10 it takes seconds on a GPU."""
 
@@ -56,9 +57,9 @@ class KNNMonitor(L.Callback):
                 feats.append(pl_module.model.forward_features(x)[:, 0].float())
         return torch.cat(feats), labels
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+        if trainer.sanity_checking or (epoch % self.every_n_epochs and epoch != trainer.max_epochs):
             return
         was_training = pl_module.training
         pl_module.eval()

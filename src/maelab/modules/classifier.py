@@ -1,6 +1,8 @@
 """Classification with the MAE encoder: fine-tuning, linear probing, partial fine-tuning and
 training from scratch are one module with different settings (``conf/task/*.yaml``)."""
 
+import logging
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,8 @@ from maelab.modules.optim import (
     param_groups_layer_decay,
     skip_partial_accumulation,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ClassifierModule(L.LightningModule):
@@ -74,13 +78,9 @@ class ClassifierModule(L.LightningModule):
             }
         )
 
-    def setup(self, stage: str) -> None:
-        # Here rather than in __init__: a resumed run or load_from_checkpoint takes every weight
-        # from its own checkpoint and must not need the pretrained file any more.
-        if stage == "fit" and self.trainer.ckpt_path is None:
-            self.load_pretrained()
-
-    def load_pretrained(self) -> None:
+    def load_initial_weights(self) -> None:
+        """The pretrained encoder, loaded by a fresh run (not in __init__: a resumed run or
+        ``load_from_checkpoint`` takes every weight from its own checkpoint, not from this file)."""
         if self.hparams.pretrained:
             from maelab.pretrained import load_encoder
 
@@ -92,7 +92,7 @@ class ClassifierModule(L.LightningModule):
         m = self.model
         if freeze_encoder:
             frozen = m.encoder_modules()
-        elif trainable_blocks is not None:
+        elif trainable_blocks is not None:  # (config_checks refuses both at once)
             if not 0 <= trainable_blocks <= len(m.blocks):
                 raise UserError(f"task.trainable_blocks={trainable_blocks}: expected 0..{len(m.blocks)} (the depth)")
             frozen = [m.patch_embed, *m.blocks[: len(m.blocks) - trainable_blocks]]
@@ -100,8 +100,11 @@ class ClassifierModule(L.LightningModule):
             return []
         for module in frozen:
             module.requires_grad_(False)
+            module.eval()  # Lightning restores each module's own mode after validation
         m.cls_token.requires_grad_(False)
         m.pos_embed.requires_grad_(False)
+        frozen_params = sum(p.numel() for p in m.parameters() if not p.requires_grad)
+        log.info(f"frozen and in eval mode: {len(frozen)} encoder modules, {frozen_params:,} parameters")
         return frozen
 
     @staticmethod

@@ -46,15 +46,19 @@ class PretrainModule(L.LightningModule):
             target=instantiate(target, patch_size=patch_size, in_chans=3),
             masking=instantiate(masking),
         )
-        if init_from:
-            from maelab.pretrained import load_full
-
-            load_full(self.model, init_from)
         self.model.num_visible(mask_ratio)  # fails now, not at the first step, if nothing stays visible
         self.augment = instantiate(augment, size=img_size) if augment else None
         self.mask_ratio = mask_ratio
         self.img_size = img_size
         self.mean, self.std = list(mean), list(std)
+
+    def load_initial_weights(self) -> None:
+        """``init_from``, loaded by a fresh run (not in __init__: a resumed run or
+        ``load_from_checkpoint`` takes every weight from its own checkpoint)."""
+        if self.hparams.init_from:
+            from maelab.pretrained import load_full
+
+            load_full(self.model, self.hparams.init_from)
 
     def preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device -> normalised float (N, 3, img_size, img_size)."""
