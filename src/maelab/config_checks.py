@@ -38,6 +38,10 @@ def epochs_or_steps(v) -> bool:
     return _is_int(v) and (v > 0 or v == -1)
 
 
+def limit_batches(v) -> bool:
+    return v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1)
+
+
 def pair(lo: float, hi: float | None):
     """Two numbers a <= b, within [lo, hi] (hi None: unbounded)."""
     return lambda v: (
@@ -113,6 +117,10 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("trainer.max_epochs", epochs_or_steps, "a positive integer, or -1 to stop by trainer.max_steps"),
     ("trainer.max_steps", epochs_or_steps, "a positive integer, or -1 to stop by trainer.max_epochs"),
     ("trainer.accumulate_grad_batches", positive_int, "a positive integer"),
+    *(
+        (f"trainer.limit_{split}_batches", limit_batches, "null, a number of batches >= 1, or a fraction in (0, 1]")
+        for split in ("train", "val", "test")
+    ),
     ("ckpt_path", lambda v: v is None or isinstance(v, str), "null, 'last' or the path of a .ckpt file"),
 ]
 
