@@ -26,16 +26,10 @@ class ViTClassifier(VisionTransformer):
         head_batchnorm: bool = False,
         head_init_std: float = 2e-5,
         train_pos_embed: bool = True,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.0,
+        **encoder,  # VisionTransformer's: img_size, patch_size, embed_dim, depth, num_heads, drop_path_rate, ...
     ):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
+        super().__init__(**encoder)
+        embed_dim = self.embed_dim
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool={global_pool!r}: expected one of {GLOBAL_POOLS}")
         self.global_pool = global_pool
