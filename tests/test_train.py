@@ -2,6 +2,9 @@
 
 import csv
 import json
+import os
+import signal
+import sys
 
 import lightning as L
 import pytest
@@ -54,6 +57,65 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical_to_an_uninterrupted_one(tm
 
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     assert len(losses(tmp_path / "straight")) == 12
+
+
+class SignalAt(L.Callback):
+    """Sends this process submitit's warning signal (USR2) at a step, as SLURM does before a
+    preemption or the time limit."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+def test_a_preempted_job_saves_mid_epoch_and_its_requeued_job_resumes_bit_identical(tmp_path, monkeypatch):
+    # 4 steps an epoch; the signal comes in the middle of the second epoch
+    common = TINY + ["trainer.max_epochs=3", "+callbacks.signal._target_=tests.test_train.SignalAt"]
+    straight = run(compose_config(common + ["+callbacks.signal.step=-1"], tmp_path / "straight"))
+    assert straight["global_step"] == 12
+    common += ["+callbacks.signal.step=6"]
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    requeued = []
+
+    def submitit_handler(signum, frame):  # what submitit does on rank 0: requeue, then exit
+        requeued.append(signum)
+        sys.exit(3)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit):
+            run(compose_config(common, tmp_path / "job"))
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # handed back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert requeued == [signal.SIGUSR2]
+    last = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 6  # saved at the end of the step it arrived in
+    assert not (tmp_path / "job" / "results.json").exists()
+
+    resumed = run(compose_config(common, tmp_path / "job"))  # the requeued job: same config, same directory
+    assert resumed["global_step"] == 12
+    a, b = weights(straight["last_checkpoint"]), weights(resumed["last_checkpoint"])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    def losses(run_dir):
+        rows = csv.DictReader((run_dir / "csv" / "metrics.csv").read_text().splitlines())
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+
+    assert losses(tmp_path / "job") == losses(tmp_path / "straight")
+
+
+def test_a_fresh_run_refuses_to_overwrite_a_run_directory(tmp_path):
+    from maelab.errors import UserError
+
+    run(compose_config(TINY + ["trainer.max_epochs=1"], tmp_path))
+    with pytest.raises(UserError, match="already holds a run .*ckpt_path=last"):
+        run(compose_config(TINY + ["trainer.max_epochs=1"], tmp_path))
 
 
 def test_run_writes_results_metrics_and_reconstructions(tmp_path):

@@ -38,6 +38,10 @@ def epochs_or_steps(v) -> bool:
     return _is_int(v) and (v > 0 or v == -1)
 
 
+def positive_int_or_folder(v) -> bool:
+    return positive_int(v) or v is None  # the datamodule refuses null where it cannot count folders
+
+
 def limit_batches(v) -> bool:
     return v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1)
 
@@ -62,7 +66,10 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("data.img_size", positive_int, "a positive integer (pixels)"),
     ("data.batch_size", positive_int, "a positive integer (images per device)"),
     ("data.eval_batch_size", lambda v: v is None or positive_int(v), "null or a positive integer"),
-    ("data.num_classes", positive_int, "a positive integer"),
+    ("data.num_classes", positive_int_or_folder, "a positive integer (null for an image folder: its class count)"),
+    ("data.skip_bad_images", lambda v: isinstance(v, bool), "true (skip, log and count unreadable files) or false"),
+    ("data.eval_crop_fraction", lambda v: _is_num(v) and 0 < v <= 1, "a fraction in (0, 1], e.g. 0.875"),
+    ("data.num_workers", lambda v: v is None or (_is_int(v) and v >= 0), "null (automatic) or a number >= 0"),
     ("data.num_train", positive_int, "a positive number of images"),
     ("data.num_test", positive_int, "a positive number of images"),
     ("data.val_size", lambda v: _is_int(v) and v >= 0, "0 (validate on test) or a number of held-out images"),
@@ -185,6 +192,13 @@ def _relations(get: Callable[[str], object]) -> list[str]:
                 f"callbacks.{name}: monitors MAE pretraining, and this task classifies; "
                 f"choose callbacks=classifier (the classifier experiments do) or drop it with ~callbacks.{name}"
             )
+    if get("callbacks.knn_monitor") not in (_ABSENT, None) and str(get("data._target_")).endswith(
+        "ImageFolderDataModule"
+    ):
+        problems.append(
+            "callbacks.knn_monitor: needs a dataset held in memory (cifar10, synthetic); an image folder would be "
+            "decoded whole at every check. Drop it with callbacks.knn_monitor=null (the ImageNet recipes do)"
+        )
     if get("trainer.max_epochs") == -1 and get("trainer.max_steps") == -1:
         problems.append("trainer.max_epochs=-1 and trainer.max_steps=-1: set one of them to a positive number")
     return problems

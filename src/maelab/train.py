@@ -28,10 +28,20 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    from maelab.callbacks.preemption import under_submitit
+
+    path = output_dir / "checkpoints" / "last.ckpt"
     if ckpt_path is None:
-        return None
+        if not path.is_file():
+            return None
+        if under_submitit():  # a job submitit requeued after a preemption or time limit
+            log.info("requeued job: resuming from %s", path)
+            return str(path)
+        raise UserError(
+            f"{output_dir} already holds a run ({path}); starting afresh would overwrite it. "
+            "Resume it with ckpt_path=last, or choose another directory (hydra.run.dir)"
+        )
     if ckpt_path == "last":
-        path = output_dir / "checkpoints" / "last.ckpt"
         if not path.is_file():
             raise UserError(
                 f"ckpt_path=last: there is no {path}. To resume a run, name its directory: "
@@ -79,31 +89,50 @@ def derive_accumulation(cfg: DictConfig, trainer) -> None:
     trainer.accumulate_grad_batches = accumulate
 
 
+def loader_augmentation(cfg: DictConfig, datamodule) -> DictConfig | None:
+    """Where the training augmentation runs. A per-image (PIL) one such as RandAugment runs in
+    the DataLoader workers; so does every augmentation of a datamodule that decodes files of
+    varied sizes (ImageNet), through the augmentation's ``per_image()`` form. Otherwise it runs
+    batched on the device, and the module gets its config back."""
+    from hydra.utils import get_class, instantiate
+
+    augment = cfg.get("augment") or None
+    if augment is None:
+        return None
+    size, mean, std = cfg.data.img_size, cfg.data.mean, cfg.data.std
+    if getattr(get_class(augment._target_), "in_loader", False):
+        datamodule.train_transform = instantiate(augment, size=size, mean=mean, std=std)
+    elif getattr(datamodule, "per_image_transforms", False):
+        datamodule.train_transform = instantiate(augment, size=size).per_image()
+    else:
+        return augment
+    return None
+
+
 def build(cfg: DictConfig):
     """(datamodule, module, trainer) from a composed config."""
     import lightning as L
     from hydra.utils import get_class, instantiate
+    from lightning.fabric.plugins.environments import SLURMEnvironment
 
     from maelab.callbacks.metric_history import MetricHistory
+    from maelab.callbacks.preemption import Preemption
     from maelab.callbacks.seeding import RandomState
     from maelab.checkpoints import AtomicCheckpointIO
 
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
+    datamodule.seed = cfg.seed  # the epoch permutations derive from it
     module_class = get_class(cfg.task._target_)
-    augment = cfg.get("augment") or None
-    if augment is not None and getattr(get_class(augment._target_), "in_loader", False):
-        # a per-image (PIL) augmentation runs in the training DataLoader, not on the device
-        datamodule.train_transform = instantiate(augment, size=cfg.data.img_size, mean=cfg.data.mean, std=cfg.data.std)
-        augment = None
+    augment = loader_augmentation(cfg, datamodule)
     inputs = {  # what the run provides; each task takes what its constructor names
         "model": cfg.model,
         "target": cfg.get("target"),
         "masking": cfg.get("masking"),
         "augment": augment,
         "img_size": cfg.data.img_size,
-        "num_classes": cfg.data.num_classes,
+        "num_classes": datamodule.num_classes,  # an image folder counts its class folders
         "mean": cfg.data.mean,
         "std": cfg.data.std,
     }
@@ -117,13 +146,15 @@ def build(cfg: DictConfig):
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(RandomState(cfg.seed))  # not optional: per-rank streams, exact resumption
     callbacks.append(MetricHistory())  # results.json's best and last
+    callbacks.append(Preemption(Path(cfg.paths.output_dir) / "checkpoints"))  # saves, then submitit requeues
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         precision=resolve_precision(cfg.trainer),
-        plugins=[AtomicCheckpointIO()],
+        # on SLURM, submitit owns the requeue (callbacks/preemption.py): Lightning's is off
+        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
     )
     derive_accumulation(cfg, trainer)
     return datamodule, module, trainer
@@ -176,6 +207,7 @@ def run(cfg: DictConfig) -> dict:
             **{k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
         }
         test = evaluate_on_test(cfg, trainer, module, datamodule)
+        skipped = skipped_images(trainer, datamodule)
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     history = next(c for c in trainer.callbacks if isinstance(c, MetricHistory))
@@ -195,6 +227,7 @@ def run(cfg: DictConfig) -> dict:
         "monitor": f"{monitor} ({mode})",
         "val_split": "test" if not cfg.data.get("val_size") else f"{cfg.data.val_size} held-out training images",
         "test": test,  # the final weights on the test split, when it is not the validation split
+        "skipped_images": skipped,  # unreadable files dropped under data.skip_bad_images, all ranks
         "train/img_per_s": throughput.steady_state if throughput else None,
         "wall_clock_s": round(wall_clock, 2),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -213,6 +246,14 @@ def evaluate_on_test(cfg: DictConfig, trainer, module, datamodule) -> dict | Non
         return None
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     return {k: float(v) for k, v in sorted(metrics.items())}
+
+
+def skipped_images(trainer, datamodule) -> int | None:
+    if not hasattr(datamodule, "skipped"):
+        return None
+    import torch
+
+    return int(trainer.strategy.reduce(torch.tensor(float(len(datamodule.skipped))), reduce_op="sum"))
 
 
 def write_json(path: Path, data: dict) -> None:

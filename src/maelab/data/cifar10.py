@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from maelab.data.files import list_image_folder, read_rgb
 from maelab.data.in_memory import InMemoryImageDataModule
 from maelab.errors import UserError
 
@@ -25,28 +25,10 @@ log = logging.getLogger(__name__)
 CIFAR_SIZE = 32
 BATCHES_DIR = "cifar-10-batches-py"
 BATCH_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
 
 class DatasetNotFound(UserError):
     pass
-
-
-def list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted folder names) and (file, label) pairs in a stable order."""
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = []
-    for label, name in enumerate(classes):
-        for path in sorted((split_dir / name).iterdir()):
-            if path.name.startswith("."):
-                continue
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise UserError(
-                    f"{path}: not an image file; an image folder holds only "
-                    f"{', '.join(sorted(IMAGE_SUFFIXES))} files under <split>/<class>/"
-                )
-            files.append((path, label))
-    return classes, files
 
 
 def read_cifar_batches(batches_dir: Path, split: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -67,8 +49,7 @@ def read_cifar_batches(batches_dir: Path, split: str) -> tuple[list[str], torch.
 
 def decode_image(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
+        array = np.asarray(read_rgb(path))
     except Exception as e:  # PIL raises many types for broken files
         raise UserError(f"{path}: cannot be read as an image ({e})") from e
     if array.shape != (CIFAR_SIZE, CIFAR_SIZE, 3):

@@ -1,7 +1,7 @@
 """A datamodule for datasets that fit in device memory as uint8 (CIFAR-10: 150 MB).
 
-The DataLoaders only produce batches of indices (Lightning still shards and shuffles them with its
-samplers, DistributedSampler included); ``on_after_batch_transfer`` gathers the images and labels
+The DataLoaders only produce batches of indices (sharded and shuffled per rank by
+``data/samplers.py``); ``on_after_batch_transfer`` gathers the images and labels
 from a copy of the split that lives on the training device. On a GPU a batch therefore costs one
 gather: no worker decodes, collates or copies images in the loop.
 """
@@ -10,10 +10,11 @@ import os
 from dataclasses import dataclass
 from functools import partial
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from maelab.data.base import ShardedDataModule
+from maelab.data.samplers import replicas
 from maelab.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -55,7 +56,7 @@ def _collate(indices: list[int], split: str) -> IndexBatch:
     return IndexBatch(split, torch.tensor(indices, dtype=torch.long))
 
 
-class InMemoryImageDataModule(L.LightningDataModule):
+class InMemoryImageDataModule(ShardedDataModule):
     """Subclasses implement ``load_split(split) -> (uint8 (N, C, H, W), int64 (N,))`` for
     'train' and 'test'. ``val_size > 0`` holds that many training images out as the validation
     split (a fixed, seeded draw); 0 validates on the test split.
@@ -107,29 +108,40 @@ class InMemoryImageDataModule(L.LightningDataModule):
             self.splits = {"train": train, "val": test}
         self.splits["test"] = test
 
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
-        n = len(self.splits[split][1])
-        if train and n < batch_size:
-            raise UserError(
-                f"data.batch_size={batch_size} is larger than the {n} training images; use a batch size of at most {n}"
-            )
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = _Indices(len(self.splits[split][1]))
         return DataLoader(
-            _Indices(n),
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,  # every step sees a full batch: the lr rule assumes it
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=self.eval_sampler(dataset),
+            generator=self.loader_generator(),
             collate_fn=partial(_collate, split=split),
         )
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", self.batch_size, train=True)
-        if self.train_transform is None:
-            return loader
         images, labels = self.splits["train"]
+        world, _ = replicas(self)
+        if len(labels) < self.batch_size * world:
+            raise UserError(
+                f"data.batch_size={self.batch_size} x {world} rank(s) is more than the {len(labels)} training "
+                f"images; use a per-device batch of at most {len(labels) // world}"
+            )
+        if self.train_transform is None:
+            dataset = _Indices(len(labels))
+            return DataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=self.train_sampler(dataset),
+                generator=self.loader_generator(),
+                drop_last=True,  # every step sees a full batch: the lr rule assumes it
+                collate_fn=partial(_collate, split="train"),
+            )
+        dataset = _Transformed(images, labels, self.train_transform)
         return DataLoader(
-            _Transformed(images, labels, self.train_transform),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self.train_sampler(dataset),
+            generator=self.loader_generator(),
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -137,10 +149,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, train=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, train=False)
+        return self._eval_loader("test")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, IndexBatch):

@@ -68,6 +68,8 @@ class TimmTrainTransform:
         )
         _patch_posterize(self.transform)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) -> normalised float (3, size, size)."""
-        return self.transform(Image.fromarray(image.permute(1, 2, 0).numpy()))
+    def __call__(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        """uint8 (3, H, W) or an RGB PIL image -> normalised float (3, size, size)."""
+        if isinstance(image, torch.Tensor):
+            image = Image.fromarray(image.permute(1, 2, 0).numpy())
+        return self.transform(image)

@@ -120,6 +120,18 @@ class RandomResizedCropFlip:
         left = torch.where(ok, left, torch.full_like(left, (width - fw) // 2))
         return torch.stack([top, left, h, w], dim=1)
 
+    def per_image(self):
+        """The same augmentation for one PIL image at a time, in DataLoader workers (images of
+        varied sizes, such as ImageNet's): torchvision's RandomResizedCrop + flip -> uint8
+        (3, size, size); normalisation then happens on the device."""
+        from torchvision import transforms as T
+
+        mode = T.InterpolationMode(self.interpolation)  # bicubic, bilinear or nearest
+        steps = [T.RandomResizedCrop(self.size, self.scale, self.ratio, mode)]
+        if self.hflip:
+            steps.append(T.RandomHorizontalFlip())
+        return T.Compose([*steps, T.PILToTensor()])
+
     def __call__(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """imgs: (N, C, H, W) float -> (N, C, size, size)."""
         N, _, H, W = imgs.shape

@@ -1,0 +1,92 @@
+"""Surviving preemption and time limits on SLURM: save ``last.ckpt`` at a step boundary, then let
+submitit requeue the job.
+
+One component owns the requeue: submitit. It launched the job (``hydra/launcher=slurm``), so it
+knows how to run the same Hydra job again (same config, same sweep directory and job number),
+and it counts timeouts against ``max_num_timeout`` while preemptions requeue without limit.
+Lightning's own SLURM auto-requeue stays off (``train.build`` passes
+``SLURMEnvironment(auto_requeue=False)``): it would be a second owner, and it saves from inside
+the signal handler, in the middle of a step, which cannot resume exactly.
+
+What maelab adds in between: when submitit's warning signal (USR2, ``signal_delay_s`` before the
+limit) arrives, this callback only notes it. At the end of the next optimizer step the ranks agree
+to stop and all of them take part in writing ``last.ckpt`` (atomically). Once that batch's metrics
+are logged, submitit's own handler runs: on rank 0 it requeues the job and exits, on the other ranks it does nothing and
+the rank exits. The requeued job finds ``last.ckpt`` in its output directory and resumes from it
+(``train.resolve_ckpt_path``), at the same step, sample order and random states.
+"""
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+def under_submitit() -> bool:
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def submitit_signal() -> signal.Signals:
+    """The signal submitit sends before a time limit or preemption (its own setting)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+class Preemption(L.Callback):
+    def __init__(self, dirpath: str, check_every_n_steps: int = 1):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.check_every_n_steps = check_every_n_steps  # >1: fewer cross-rank checks on fast steps
+        self.received: tuple[int, object] | None = None
+        self.handover = None  # submitit's handler
+        self.saved = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning's signal connector, which puts back at teardown the handlers it found
+        if not under_submitit():
+            return
+        signum = submitit_signal()
+        self.handover = signal.getsignal(signum)
+        signal.signal(signum, self._note)
+        log.info("%s from submitit: last.ckpt is saved at the next step, then submitit requeues", signum.name)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.handover is not None:
+            signal.signal(submitit_signal(), self.handover)
+            self.handover = None
+
+    def _note(self, signum: int, frame) -> None:
+        if self.received is None:
+            log.warning("received %s: saving at the next optimizer step", signal.Signals(signum).name)
+        self.received = (signum, frame)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # Lightning resumes exactly from checkpoints written here, at the end of a batch
+        if self.handover is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not under submitit, or mid-accumulation (gradients are not in checkpoints)
+        if trainer.global_step % self.check_every_n_steps:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)  # every rank takes part
+        log.warning("saved %s at step %d; submitit requeues the job", self.path, trainer.global_step)
+        self.saved = True
+
+    # The hand-over waits for whichever comes next, so that this batch's metrics are logged first.
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._hand_over(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hand_over(trainer, pl_module)
+
+    def _hand_over(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.saved:
+            return
+        signum, frame = self.received or (submitit_signal(), None)
+        handover = self.handover
+        self.on_train_end(trainer, pl_module)
+        if callable(handover):
+            handover(signum, frame)  # rank 0: requeue and exit; other ranks: returns
+        raise SystemExit(0)

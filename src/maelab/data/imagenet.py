@@ -1,0 +1,204 @@
+"""ImageNet, or any ImageFolder tree, read by DataLoader workers as the official MAE code reads it.
+
+Layout: ``root/train/<class>/*`` and ``root/val/<class>/*`` (ImageNet's validation images already
+sorted into class folders). The classes are the train split's folders, checked against val, so a
+10-class subset needs no code change: ``data.num_classes`` follows the folders.
+
+Workers decode each file (any format, mode or EXIF orientation, see ``files.read_rgb``) and apply
+the per-image transform; batches travel as uint8 and are normalised on the device, except after
+a transform that normalises itself (timm's RandAugment pipeline). Evaluation resizes to
+``img_size / eval_crop_fraction`` (256 for 224) and takes the center crop, bicubic.
+
+A file that cannot be decoded stops the run with its name. With ``skip_bad_images=true`` it is
+dropped from its batch instead, logged with its name and counted (``results.json``). The check
+runs in the main process, on the batch the workers hand over, so counts are never lost in a worker.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from maelab.data.base import ShardedDataModule
+from maelab.data.files import class_folders, list_image_folder, read_rgb
+from maelab.data.samplers import replicas
+from maelab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BadImage:
+    path: str
+    reason: str
+
+
+@dataclass
+class FileBatch:
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+    bad: list[BadImage] = field(default_factory=list)
+
+    def pin_memory(self) -> "FileBatch":  # DataLoader(pin_memory=True) calls this
+        if self.images is not None:
+            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+        return self
+
+
+def collate(samples: list) -> FileBatch:
+    good = [s for s in samples if not isinstance(s, BadImage)]
+    bad = [s for s in samples if isinstance(s, BadImage)]
+    if not good:
+        return FileBatch(None, None, bad)
+    images = torch.stack([image for image, _ in good])
+    return FileBatch(images, torch.tensor([label for _, label in good], dtype=torch.long), bad)
+
+
+class ImageFiles(Dataset):
+    def __init__(self, files: list[tuple[Path, int]], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path, label = self.files[i]
+        try:
+            image = read_rgb(path)
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken or unknown files
+            return BadImage(str(path), f"{type(e).__name__}: {e}")
+        return self.transform(image), label
+
+
+class ImageFolderDataModule(ShardedDataModule):
+    per_image_transforms = True  # train.build hands the augmentation to the loader workers
+
+    def __init__(
+        self,
+        root: str,
+        img_size: int = 224,
+        num_classes: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        mean: list[float] = (0.485, 0.456, 0.406),
+        std: list[float] = (0.229, 0.224, 0.225),
+        eval_crop_fraction: float = 0.875,
+        interpolation: str = "bicubic",
+        val_size: int = 0,
+        split_seed: int = 0,
+        skip_bad_images: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        train_dir: str = "train",
+        val_dir: str = "val",
+    ):
+        super().__init__()
+        self.root = Path(root).expanduser().absolute()
+        self.train_root, self.val_root = self.root / train_dir, self.root / val_dir
+        for split_dir in (self.train_root, self.val_root):
+            if not split_dir.is_dir():
+                raise UserError(
+                    f"data.root={root}: there is no {split_dir}. An image folder holds {self.train_root}/<class>/* "
+                    f"and {self.val_root}/<class>/* (ImageNet: val images sorted into class folders); "
+                    "point data.root (or MAELAB_IMAGENET) at it"
+                )
+        self.classes = class_folders(self.train_root)
+        if num_classes is not None and num_classes != len(self.classes):
+            raise UserError(
+                f"data.num_classes={num_classes}, but {self.train_root} holds {len(self.classes)} class folders; "
+                "set data.num_classes=null to take the folder's count"
+            )
+        self.num_classes = len(self.classes)
+        self.img_size, self.batch_size = img_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.mean, self.std = list(mean), list(std)
+        self.eval_crop_fraction, self.interpolation = eval_crop_fraction, T.InterpolationMode(interpolation)
+        self.val_size, self.split_seed = val_size, split_seed
+        self.skip_bad_images = skip_bad_images
+        self.num_workers = min(10, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.train_transform = None  # set by train.build from the augment config
+        self.files: dict[str, list[tuple[Path, int]]] = {}
+        self.skipped: dict[str, str] = {}  # path -> why it could not be read
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.files:
+            return
+        _, train = list_image_folder(self.train_root)
+        _, val = list_image_folder(self.val_root, self.classes)
+        for split, files in (("train", train), ("val", val)):
+            if not files:
+                raise UserError(f"{self.root / split}: no image files under its class folders")
+        self.files = {"train": train, "val": val, "test": val}
+        if self.val_size:
+            if not 0 < self.val_size < len(train):
+                raise UserError(f"data.val_size={self.val_size} must be between 0 and {len(train) - 1}")
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+            held = set(order[len(train) - self.val_size :])
+            self.files["train"] = [f for i, f in enumerate(train) if i not in held]
+            self.files["val"] = [f for i, f in enumerate(train) if i in held]
+        log.info("%s: %s", self.root, ", ".join(f"{k} {len(v)} images" for k, v in self.files.items()))
+
+    def eval_transform(self) -> T.Compose:
+        """Resize the short side to img_size / crop fraction, then the center crop (official)."""
+        resize = int(self.img_size / self.eval_crop_fraction)
+        return T.Compose([T.Resize(resize, self.interpolation), T.CenterCrop(self.img_size), T.PILToTensor()])
+
+    def _loader(self, split: str, transform, train: bool) -> DataLoader:
+        dataset = ImageFiles(self.files[split], transform)
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=self.train_sampler(dataset) if train else self.eval_sampler(dataset),
+            drop_last=train,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            generator=self.loader_generator(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        world, _ = replicas(self)
+        if len(self.files["train"]) < self.batch_size * world:
+            raise UserError(
+                f"data.batch_size={self.batch_size} x {world} rank(s) is more than the {len(self.files['train'])} "
+                "training images"
+            )
+        # augment=none trains on the evaluation view
+        return self._loader("train", self.train_transform or self.eval_transform(), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_transform(), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_transform(), train=False)
+
+    def on_before_batch_transfer(self, batch: FileBatch, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for bad in batch.bad:
+            if not self.skip_bad_images:
+                raise UserError(
+                    f"{bad.path}: cannot be read as an image ({bad.reason}). Replace or delete the file, or set "
+                    "data.skip_bad_images=true to skip unreadable files (each is logged and counted)"
+                )
+            if bad.path not in self.skipped:  # logged once; skipped every epoch
+                self.skipped[bad.path] = bad.reason
+                log.warning("skipped %s (%s); %d unreadable file(s) so far", bad.path, bad.reason, len(self.skipped))
+        if batch.images is None:
+            raise UserError(f"no image of a batch could be read, e.g. {batch.bad[0].path}: check {self.root}")
+        return batch.images, batch.labels
+
+    def preview_images(self, n: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """n images evenly spaced through a split (uint8, CPU, the evaluation view)."""
+        self.setup()
+        files = self.files[split]
+        index = torch.linspace(0, len(files) - 1, min(n, len(files))).long().tolist()
+        transform = self.eval_transform()
+        images = [transform(read_rgb(files[i][0])) for i in index]
+        return torch.stack(images), torch.tensor([files[i][1] for i in index])

@@ -1,0 +1,145 @@
+"""The ImageFolder (ImageNet) data module on a generated tree of awkward real-world files."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maelab.data.files import read_rgb
+from maelab.data.imagenet import ImageFolderDataModule
+from maelab.errors import UserError
+from maelab.train import run
+from tests.conftest import compose_config
+
+CLASSES = ["n01440764", "n01443537", "n01484850"]
+
+
+def _save(path, image: Image.Image, fmt: str = "JPEG", **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt, **kwargs)
+
+
+def _picture(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def make_tree(root, per_class: int = 6, val_per_class: int = 2):
+    """train/ and val/ with three classes of JPEGs in varied sizes, plus the oddities ImageNet holds."""
+    sizes = [(40, 30), (33, 57), (64, 64), (80, 48), (36, 36), (50, 70)]
+    for c, name in enumerate(CLASSES):
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            _save(root / "train" / name / f"{name}_{i}.JPEG", _picture(w, h, 10 * c + i))
+        for i in range(val_per_class):
+            _save(root / "val" / name / f"ILSVRC2012_val_{c}{i}.JPEG", _picture(48, 40, 100 + 10 * c + i))
+    odd = root / "train" / CLASSES[0]
+    _save(odd / "gray.JPEG", _picture(40, 40, 1).convert("L"))
+    _save(odd / "cmyk.JPEG", _picture(40, 40, 2).convert("CMYK"))
+    _save(odd / "png_inside.JPEG", _picture(40, 40, 3), fmt="PNG")  # ImageNet's n02105855_2933.JPEG
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    _save(odd / "rotated.JPEG", _picture(60, 30, 4), exif=exif)
+    return root
+
+
+def test_awkward_files_read_as_upright_rgb(tmp_path):
+    tree = make_tree(tmp_path)
+    odd = tree / "train" / CLASSES[0]
+    for name in ("gray", "cmyk", "png_inside", "rotated"):
+        image = read_rgb(odd / f"{name}.JPEG")
+        assert image.mode == "RGB", name
+    assert read_rgb(odd / "rotated.JPEG").size == (30, 60)  # EXIF orientation applied
+    gray = np.asarray(read_rgb(odd / "gray.JPEG"))
+    assert np.array_equal(gray[..., 0], gray[..., 2])
+
+
+def _datamodule(root, **kwargs) -> ImageFolderDataModule:
+    args = dict(img_size=32, batch_size=4, eval_batch_size=5, num_workers=0)
+    dm = ImageFolderDataModule(str(root), **{**args, **kwargs})
+    dm.setup()
+    return dm
+
+
+def _batches(dm, loader):
+    return [dm.on_before_batch_transfer(b, 0) for b in loader]
+
+
+def test_batches_are_uint8_at_the_input_size_and_every_val_image_is_seen_once(tmp_path):
+    dm = _datamodule(make_tree(tmp_path))
+    assert dm.num_classes == 3 and dm.classes == CLASSES
+    assert len(dm.files["train"]) == 3 * 6 + 4 and len(dm.files["val"]) == 6
+    images, labels = _batches(dm, dm.train_dataloader())[0]
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+    val = _batches(dm, dm.val_dataloader())
+    assert sum(len(labels) for _, labels in val) == 6
+    assert torch.cat([labels for _, labels in val]).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_evaluation_resizes_to_img_size_over_the_crop_fraction_then_center_crops(tmp_path):
+    dm = _datamodule(make_tree(tmp_path), img_size=224)
+    resize, crop = dm.eval_transform().transforms[:2]
+    assert resize.size == 256 and crop.size == (224, 224)
+    assert resize.interpolation.value == "bicubic"
+
+
+def test_the_class_count_follows_the_folders_and_mismatches_are_named(tmp_path):
+    tree = make_tree(tmp_path)
+    with pytest.raises(UserError, match="data.num_classes=1000, but .* holds 3 class folders"):
+        ImageFolderDataModule(str(tree), num_classes=1000)
+    (tree / "val" / "n99999999").mkdir()
+    with pytest.raises(UserError, match=r"not in train: \['n99999999'\]"):
+        _datamodule(tree)
+    with pytest.raises(UserError, match="there is no .*missing/train"):
+        ImageFolderDataModule(str(tmp_path / "missing"))
+
+
+def _corrupt(tree):
+    bad = tree / "train" / CLASSES[1] / "broken.JPEG"
+    data = io.BytesIO()
+    _picture(40, 40, 5).save(data, format="JPEG")
+    bad.write_bytes(data.getvalue()[:200])  # a truncated download
+    return bad
+
+
+def test_an_unreadable_file_stops_with_its_name(tmp_path):
+    tree = make_tree(tmp_path)
+    bad = _corrupt(tree)
+    dm = _datamodule(tree, batch_size=len(list(tree.glob("train/*/*"))))  # one batch holds every file
+    with pytest.raises(UserError, match=f"{bad}: cannot be read as an image .*data.skip_bad_images=true"):
+        _batches(dm, dm.train_dataloader())
+
+
+def test_skip_bad_images_drops_counts_and_reports_them(tmp_path, caplog):
+    tree = make_tree(tmp_path)
+    bad = _corrupt(tree)
+    overrides = [
+        "data=imagenet",
+        "model=vit_tiny",
+        f"data.root={tree}",
+        "data.img_size=32",
+        "data.batch_size=23",  # every training image in one batch, so the bad one is met
+        "data.num_workers=2",
+        "data.skip_bad_images=true",
+        "callbacks.knn_monitor=null",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "model.patch_size=8",
+        "task.decoder_width=16",
+        "task.decoder_depth=1",
+        "task.decoder_heads=2",
+        "trainer.max_epochs=2",
+        "task.warmup_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+    ]
+    results = run(compose_config(overrides, tmp_path / "run"))
+    assert results["global_step"] == 2
+    assert results["skipped_images"] == 1  # met in both epochs, counted once
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["skipped_images"] == 1
+    assert f"skipped {bad} (" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "run" / "reconstructions").iterdir()) == ["epoch_0001.png"]
