@@ -7,6 +7,7 @@ they arrive here again and run the same command.
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 COMMANDS = {
     "train": "pretrain, fine-tune or probe: a Hydra app (maelab train --help lists its config groups)",
     "export": "write a checkpoint's encoder as a timm VisionTransformer state dict (maelab export --help)",
+    "sweep-report": "tabulate and plot a sweep's results: markdown, CSV and PNG (maelab sweep-report --help)",
 }
 
 
@@ -50,6 +52,23 @@ def pin_ddp_relaunch_to_this_job() -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
+def log_file_per_slurm_task() -> None:
+    """Under SLURM every task (one per GPU) runs the job; task r > 0 logs to train_rank<r>.log
+    instead of writing over rank 0's train.log."""
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
+    if rank == 0 or int(os.environ.get("SLURM_NTASKS", "1")) == 1:
+        return
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        path = Path(handler.baseFilename)
+        replacement = logging.FileHandler(path.with_name(f"{path.stem}_rank{rank}{path.suffix}"))
+        replacement.setFormatter(handler.formatter)
+        replacement.setLevel(handler.level)
+        root.removeHandler(handler)
+        handler.close()
+        root.addHandler(replacement)
+
+
 def task_function(cfg: "DictConfig") -> None:
     """What Hydra runs for each job; a user's mistake ends it with its message alone."""
     from hydra.core.hydra_config import HydraConfig
@@ -57,6 +76,7 @@ def task_function(cfg: "DictConfig") -> None:
     if "experiment" not in HydraConfig.get().runtime.choices:
         log.warning("no +experiment=NAME given: running the root defaults (conf/train.yaml)")
     pin_ddp_relaunch_to_this_job()
+    log_file_per_slurm_task()
     from maelab.train import run
 
     try:
@@ -97,12 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="maelab",
         description="Masked Autoencoder research with PyTorch Lightning and Hydra.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items()) + "\n\nexamples:\n"
+        epilog="commands:\n" + "\n".join(f"  {name:<13} {text}" for name, text in COMMANDS.items()) + "\n\nexamples:\n"
         "  maelab train +experiment=quickstart\n"
         "  maelab train +experiment=mae_vitt_cifar10 task.mask_ratio=0.9\n"
         "  maelab train -m +experiment=mae_vitt_cifar10 task.mask_ratio=0.5,0.75,0.9\n"
         "  maelab train +experiment=finetune_vitt_cifar10 task.pretrained=<pretraining run>/checkpoints/last.ckpt\n"
-        "  maelab export outputs/finetune_vitt_cifar10/<run>/checkpoints/last.ckpt vit_t2_cifar10.pth",
+        "  maelab export outputs/finetune_vitt_cifar10/<run>/checkpoints/last.ckpt vit_t2_cifar10.pth\n"
+        "  maelab sweep-report multirun/mae_vitt_cifar10/<date>",
     )
     parser.add_argument("--version", action="version", version=f"maelab {__version__}")
     parser.add_argument("command", metavar="command", choices=sorted(COMMANDS), help="one of: " + ", ".join(COMMANDS))
@@ -119,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         from maelab.export import main as export_main
 
         return export_main(parsed.args)
+    elif parsed.command == "sweep-report":
+        from maelab.sweep_report import main as report_main
+
+        try:
+            return report_main(parsed.args)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -17,6 +17,17 @@ def on_gpu(gpu_value, cpu_value, *, _root_: DictConfig):
     return gpu_value if runs_on_gpu(_root_.trainer) else cpu_value
 
 
+def heads(width, head_dim):
+    """``${heads:WIDTH,HEAD_DIM}``: the number of attention heads of a given size that make up a
+    width, so a width sweep keeps the head size fixed (the official decoder: 512 / 32 = 16)."""
+    from maelab.errors import UserError
+
+    if int(width) % int(head_dim):
+        raise UserError(f"a width of {width} is not a whole number of {head_dim}-wide attention heads")
+    return int(width) // int(head_dim)
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("on_gpu"):
-        OmegaConf.register_new_resolver("on_gpu", on_gpu)
+    for name, resolver in (("on_gpu", on_gpu), ("heads", heads)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

@@ -64,6 +64,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # a probe's frozen encoder is in eval mode on purpose (ClassifierModule logs what it froze)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    # maelab's datamodules carry their position in the epoch through checkpoints (data/base.py)
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def derive_accumulation(cfg: DictConfig, trainer) -> None:
