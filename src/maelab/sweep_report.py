@@ -29,7 +29,10 @@ def read_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
-        overrides = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
+        # key=value, +key=value, ~key (removed): the key as written, its value or "(removed)"
+        overrides = dict(
+            o.split("=", 1) if "=" in o else (o, "(removed)") for o in yaml.safe_load(overrides_file.read_text()) or []
+        )
         results_file = job_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.is_file() else None
         jobs.append({"dir": job_dir, "overrides": overrides, "results": results})
@@ -89,6 +92,7 @@ def write_plot(path: Path, jobs: list[dict], axes: list[str], metric: str) -> No
 
     where = dict(METRICS)[metric]
     x_key, series_key = axes[0], (axes[1] if len(axes) > 1 else None)
+    jobs = [j for j in jobs if x_key in j["overrides"]]
     xs = [j["overrides"][x_key] for j in jobs]
     numeric = all(_number(x) is not None for x in xs)
     categories = list(dict.fromkeys(xs))

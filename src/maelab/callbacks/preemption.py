@@ -40,22 +40,33 @@ class Preemption(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
         self.check_every_n_steps = check_every_n_steps  # >1: fewer cross-rank checks on fast steps
         self.received: tuple[int, object] | None = None
+        self.active = False
         self.handover = None  # submitit's handler
+        self.previous_sigterm = None
         self.saved = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning's signal connector, which puts back at teardown the handlers it found
-        if not under_submitit():
+        self.active = under_submitit()  # the same on every rank: all of them join the step check
+        if not self.active:
             return
         signum = submitit_signal()
         self.handover = signal.getsignal(signum)
+        self.previous_sigterm = signal.getsignal(signal.SIGTERM)
         signal.signal(signum, self._note)
+        # SLURM sends SIGTERM first on a preemption; Lightning's own SIGTERM handler would stop
+        # the run without saving or requeueing
+        signal.signal(signal.SIGTERM, self._note)
         log.info("%s from submitit: last.ckpt is saved at the next step, then submitit requeues", signum.name)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.handover is not None:
-            signal.signal(submitit_signal(), self.handover)
-            self.handover = None
+        if not self.active:
+            return
+        self.active = False
+        signal.signal(submitit_signal(), self.handover)
+        signal.signal(signal.SIGTERM, self.previous_sigterm)
+        if self.received is not None and not self.saved and callable(self.handover):
+            self.handover(submitit_signal(), self.received[1])  # arrived after the last step: requeue now
 
     def _note(self, signum: int, frame) -> None:
         if self.received is None:
@@ -64,7 +75,7 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         # Lightning resumes exactly from checkpoints written here, at the end of a batch
-        if self.handover is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if not self.active or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # not under submitit, or mid-accumulation (gradients are not in checkpoints)
         if trainer.global_step % self.check_every_n_steps:
             return
@@ -84,9 +95,9 @@ class Preemption(L.Callback):
     def _hand_over(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.saved:
             return
-        signum, frame = self.received or (submitit_signal(), None)
+        frame = self.received[1] if self.received else None
         handover = self.handover
         self.on_train_end(trainer, pl_module)
         if callable(handover):
-            handover(signum, frame)  # rank 0: requeue and exit; other ranks: returns
+            handover(submitit_signal(), frame)  # rank 0: requeue and exit; other ranks: returns
         raise SystemExit(0)
