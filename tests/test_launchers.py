@@ -127,3 +127,9 @@ def test_the_paper_sweeps_select_their_grids(tmp_path):
         "--cfg", "job", "--resolve", cwd=tmp_path,
     )  # fmt: skip
     assert yaml.safe_load(job.stdout)["task"]["decoder_heads"] == 24  # 32-wide heads at every width
+    bad = maelab(
+        "train", "+experiment=quickstart", "+sweep=decoder_width", "hydra.sweeper.params={task.decoder_width:100}",
+        f"hydra.sweep.dir={tmp_path / 'bad'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "error: task.decoder_heads: ${heads:100,32}: a width of 100 is not a whole number" in bad.stderr

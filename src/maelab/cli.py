@@ -77,12 +77,20 @@ def task_function(cfg: "DictConfig") -> None:
         log.warning("no +experiment=NAME given: running the root defaults (conf/train.yaml)")
     pin_ddp_relaunch_to_this_job()
     log_file_per_slurm_task()
+    from omegaconf.errors import InterpolationResolutionError
+
     from maelab.train import run
 
     try:
         run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except InterpolationResolutionError as e:  # a maelab resolver refused a value (e.g. ${heads:...})
+        prefix = "UserError raised while resolving interpolation: "  # OmegaConf keeps only the message
+        if not str(e).startswith(prefix):
+            raise
+        print(f"error: {e.full_key}: {str(e).splitlines()[0][len(prefix) :]}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -22,9 +22,13 @@ def heads(width, head_dim):
     width, so a width sweep keeps the head size fixed (the official decoder: 512 / 32 = 16)."""
     from maelab.errors import UserError
 
-    if int(width) % int(head_dim):
-        raise UserError(f"a width of {width} is not a whole number of {head_dim}-wide attention heads")
-    return int(width) // int(head_dim)
+    width, head_dim = int(width), int(head_dim)
+    if width % head_dim:
+        raise UserError(
+            f"${{heads:{width},{head_dim}}}: a width of {width} is not a whole number of {head_dim}-wide attention "
+            f"heads; choose a width divisible by {head_dim} (e.g. {max(1, width // head_dim) * head_dim})"
+        )
+    return width // head_dim
 
 
 def register_resolvers() -> None:
