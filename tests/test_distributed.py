@@ -1,6 +1,7 @@
 """Distributed training through the command line (two CPU processes over gloo) and the
 effective batch under several device and node counts."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -60,3 +61,38 @@ def test_an_effective_batch_the_hardware_cannot_divide_is_refused_with_the_numbe
     cfg = OmegaConf.create({"task": {"effective_batch_size": 4096}, "data": {"batch_size": 96}, "trainer": {}})
     with pytest.raises(UserError, match=r"4096 is not a multiple of data.batch_size=96 x 8 device\(s\) x 2 node"):
         derive_accumulation(cfg, _fake_trainer(8, 2))
+
+
+def test_a_bad_file_met_by_both_ranks_is_counted_once(tmp_path):
+    from maelab.data.imagenet import ImageFolderDataModule
+    from maelab.data.samplers import EpochShuffleSampler
+    from tests.test_imagenet import _corrupt, make_tree
+
+    tree = make_tree(tmp_path / "tree")
+    bad = str(_corrupt(tree))
+    files = ImageFolderDataModule(str(tree), img_size=32)
+    files.setup()
+    index = [str(p) for p, _ in files.files["train"]].index(bad)
+    met = {  # the ranks whose shard holds the bad file in each of the 3 epochs (seed 0, 23 files, 2 x 8)
+        rank
+        for epoch in range(3)
+        for rank in (0, 1)
+        if index in list(_epoch(EpochShuffleSampler(files.files["train"], 2, rank, seed=0, step_samples=8), epoch))
+    }
+    assert met == {0, 1}  # the case this test is about: a sum over ranks would count it twice
+    done = maelab(
+        "train", "data=imagenet", f"data.root={tree}", "data.img_size=32", "data.batch_size=8", "data.num_workers=1",
+        "data.skip_bad_images=true", "model=vit_tiny", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+        "model.patch_size=8", "task.decoder_width=16", "task.decoder_depth=1", "task.decoder_heads=2",
+        "task.warmup_epochs=1", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=3",
+        "trainer.enable_progress_bar=false", "callbacks.knn_monitor=null", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path, env={"PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["skipped_images"] == 1 and results["global_step"] == 3
+
+
+def _epoch(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return iter(sampler)

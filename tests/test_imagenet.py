@@ -113,6 +113,18 @@ def test_an_unreadable_file_stops_with_its_name(tmp_path):
         _batches(dm, dm.train_dataloader())
 
 
+def test_a_skipped_file_keeps_the_training_batch_full_and_its_count_survives_a_resume(tmp_path):
+    tree = make_tree(tmp_path)
+    bad = _corrupt(tree)
+    dm = _datamodule(tree, batch_size=23, skip_bad_images=True)  # one batch holds every file
+    [(images, labels)] = _batches(dm, dm.train_dataloader())
+    assert images.shape == (23, 3, 32, 32) and labels.shape == (23,)  # mixup needs the batch it asked for
+    assert list(dm.skipped) == [str(bad)]
+    resumed = _datamodule(tree, batch_size=23, skip_bad_images=True)
+    resumed.load_state_dict(dm.state_dict())
+    assert list(resumed.skipped) == [str(bad)]
+
+
 def test_skip_bad_images_drops_counts_and_reports_them(tmp_path, caplog):
     tree = make_tree(tmp_path)
     bad = _corrupt(tree)
@@ -143,3 +155,34 @@ def test_skip_bad_images_drops_counts_and_reports_them(tmp_path, caplog):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["skipped_images"] == 1
     assert f"skipped {bad} (" in caplog.text
     assert sorted(p.name for p in (tmp_path / "run" / "reconstructions").iterdir()) == ["epoch_0001.png"]
+
+
+def test_worker_augmentation_is_a_function_of_seed_epoch_and_sample(tmp_path):
+    """Any worker count draws the same crops, and a loader resumed mid-epoch continues with exactly
+    the batches the uninterrupted one would have given: preemption resumes bit-identical."""
+    from maelab.data.transforms import RandomResizedCropFlip
+
+    tree = make_tree(tmp_path)
+
+    def epoch_batches(workers: int, resume_batches: int = 0) -> list[torch.Tensor]:
+        dm = _datamodule(tree, batch_size=4, num_workers=workers)
+        dm.train_transform = RandomResizedCropFlip(32).per_image()
+        if resume_batches:
+            dm.load_state_dict({"train_position": {"epoch": 1, "batches": resume_batches, "layout": dm._layout()}})
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(1)
+        return [images for images, _ in _batches(dm, loader)]
+
+    straight = epoch_batches(workers=0)
+    assert len(straight) == 5  # 22 images, batch 4
+    for a, b in zip(straight, epoch_batches(workers=2)):
+        assert torch.equal(a, b)
+    resumed = epoch_batches(workers=2, resume_batches=2)
+    assert len(resumed) == 3
+    for a, b in zip(straight[2:], resumed):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    epoch_batches(workers=0)  # augmenting in the main process leaves its random stream alone
+    assert torch.equal(torch.rand(1), before)

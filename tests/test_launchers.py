@@ -3,6 +3,7 @@ configs, the sweep report, and a submitit job that is preempted, requeued and re
 
 import csv
 import json
+import re
 
 import torch
 import yaml
@@ -83,7 +84,8 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_bit_identical(tmp_path
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     log = (sweep / "0" / "train.log").read_text()
-    assert "received SIGUSR2" in log and "saved" in log and "requeued job: resuming from" in log
+    assert "received SIGUSR2" in log and "saved" in log
+    assert re.search(r"requeued job \d+: resuming from", log)  # its own checkpoint, by its submitit job id
     results = json.loads((sweep / "0" / "results.json").read_text())
     assert results["global_step"] == 8
 
@@ -110,12 +112,36 @@ def test_the_slurm_launcher_follows_the_trainer_and_takes_cluster_keys(tmp_path)
     assert launcher["max_num_timeout"] > 0  # requeued at the time limit
 
 
+def test_the_slurm_launcher_refuses_all_visible_gpus_and_a_swept_allocation(tmp_path, monkeypatch):
+    import pytest
+    from omegaconf import OmegaConf
+
+    from maelab.errors import UserError
+    from maelab.train import check_slurm_allocation
+
+    done = maelab("train", "-m", "+experiment=mae_vitb", "trainer=ddp", "hydra/launcher=slurm", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: hydra.launcher: trainer.devices=-1: SLURM must be asked for a number of nodes and GPUs per node; set "
+        "trainer.devices to a positive integer, e.g. trainer=multinode trainer.num_nodes=1 trainer.devices=8"
+    ]
+    # at job start: the allocation submitit asked for once must be the trainer's of this sweep point
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    check_slurm_allocation(OmegaConf.create({"num_nodes": 2, "devices": 8}))
+    with pytest.raises(UserError, match="trainer.num_nodes=4, but this SLURM job has 2 node"):
+        check_slurm_allocation(OmegaConf.create({"num_nodes": 4, "devices": 8}))
+    with pytest.raises(UserError, match="trainer.devices=4, but this SLURM job runs 8 task"):
+        check_slurm_allocation(OmegaConf.create({"num_nodes": 2, "devices": 4}))
+
+
 def test_the_paper_sweeps_select_their_grids(tmp_path):
     grids = {
         "mask_ratio": ("task.mask_ratio", "0.4,0.5,0.6,0.7,0.75,0.8,0.9"),
         "decoder_depth": ("task.decoder_depth", "1,2,4,8,12"),
         "decoder_width": ("task.decoder_width", "128,256,512,768,1024"),
         "target": ("target", "pixel,norm_pixel"),
+        "masking": ("masking", "random,block,grid"),
     }
     for sweep, (key, values) in grids.items():
         done = maelab("train", "+experiment=mae_vitt_cifar10", f"+sweep={sweep}", "--cfg", "hydra", cwd=tmp_path)

@@ -66,19 +66,35 @@ class SignalAt(L.Callback):
     def __init__(self, step: int):
         self.step = step
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if self.before < trainer.global_step == self.step:  # just took that step (a resumed job starts past it)
             os.kill(os.getpid(), signal.SIGUSR2)
 
 
-def test_a_preempted_job_saves_mid_epoch_and_its_requeued_job_resumes_bit_identical(tmp_path, monkeypatch):
-    # 4 steps an epoch; the signal comes in the middle of the second epoch
-    common = TINY + ["trainer.max_epochs=3", "+callbacks.signal._target_=tests.test_train.SignalAt"]
+@pytest.mark.parametrize(
+    "layout,steps,signal_step",
+    [
+        ([], 12, 6),  # 4 batches of 32 an epoch, one step each; the signal comes mid-way through epoch 2
+        ([], 12, 8),  # at epoch 2's last step: saved after its validation
+        ([], 12, 12),  # at the run's last step: requeued before the final evaluation, which the next job runs
+        (["augment=randaug", "data.num_workers=2"], 12, 6),  # augmentation in loader workers
+        # 7 batches, 2 accumulated per step: each epoch's permutation gives 3 whole steps (6 batches)
+        (["data.num_train=224", "task.effective_batch_size=64"], 9, 4),
+    ],
+)
+def test_a_preempted_job_saves_mid_epoch_and_its_requeued_job_resumes_bit_identical(
+    layout, steps, signal_step, tmp_path, monkeypatch
+):
+    common = TINY + layout + ["trainer.max_epochs=3", "+callbacks.signal._target_=tests.test_train.SignalAt"]
     straight = run(compose_config(common + ["+callbacks.signal.step=-1"], tmp_path / "straight"))
-    assert straight["global_step"] == 12
-    common += ["+callbacks.signal.step=6"]
+    assert straight["global_step"] == steps
+    common += [f"+callbacks.signal.step={signal_step}"]
 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4242")
     requeued = []
 
     def submitit_handler(signum, frame):  # what submitit does on rank 0: requeue, then exit
@@ -94,20 +110,43 @@ def test_a_preempted_job_saves_mid_epoch_and_its_requeued_job_resumes_bit_identi
         signal.signal(signal.SIGUSR2, previous)
     assert requeued == [signal.SIGUSR2]
     last = tmp_path / "job" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 6  # saved at the end of the step it arrived in
+    assert torch.load(last, weights_only=False)["global_step"] == signal_step  # saved after the step it came in
     assert not (tmp_path / "job" / "results.json").exists()
 
     resumed = run(compose_config(common, tmp_path / "job"))  # the requeued job: same config, same directory
-    assert resumed["global_step"] == 12
+    assert resumed["global_step"] == steps
     a, b = weights(straight["last_checkpoint"]), weights(resumed["last_checkpoint"])
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
-    def losses(run_dir):
+    def logged(run_dir, key):
         rows = csv.DictReader((run_dir / "csv" / "metrics.csv").read_text().splitlines())
-        return {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+        return {int(r["step"]): float(r[key]) for r in rows if r[key]}
 
-    assert losses(tmp_path / "job") == losses(tmp_path / "straight")
+    assert logged(tmp_path / "job", "train/loss") == logged(tmp_path / "straight", "train/loss")
+    assert len(logged(tmp_path / "straight", "val/loss")) == 3  # every epoch validated
+    assert logged(tmp_path / "job", "val/loss") == logged(tmp_path / "straight", "val/loss")
+
+
+def test_under_submitit_only_a_requeue_of_the_same_job_resumes_on_its_own(tmp_path, monkeypatch):
+    from maelab.errors import UserError
+    from maelab.train import resolve_ckpt_path
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"state")
+    (last.parent / "submitit_job").write_text("4242\n")
+    elsewhere = tmp_path / "pretrained.ckpt"
+    elsewhere.write_bytes(b"the first attempt's start")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    # the requeued job runs its original command again; its own last.ckpt wins over that ckpt_path
+    assert resolve_ckpt_path(str(elsewhere), tmp_path) == str(last)
+    assert resolve_ckpt_path(None, tmp_path) == str(last)
+    monkeypatch.setenv("SLURM_JOB_ID", "5151")  # another job sent into the same directory
+    with pytest.raises(UserError, match="already holds a run"):
+        resolve_ckpt_path(None, tmp_path)
+    assert resolve_ckpt_path(str(elsewhere), tmp_path) == str(elsewhere)
 
 
 def test_a_fresh_run_refuses_to_overwrite_a_run_directory(tmp_path):
@@ -199,11 +238,21 @@ def test_evaluation_images_are_resized_to_the_model_input():
     assert module.preprocess(images, train=False).shape == (2, 3, 16, 16)
 
 
-def test_a_trailing_partial_accumulation_is_skipped(tmp_path):
-    # 4 batches of 32 an epoch, 3 accumulated per step: one full step, the fourth batch skipped
+def test_an_epoch_is_whole_optimizer_steps_and_still_validates(tmp_path):
+    # 4 batches of 32, 3 accumulated per step: each epoch's permutation gives one full step, and
+    # the fourth batch's images wait for another epoch instead of stepping with a third of the batch
     results = run(compose_config(TINY + ["trainer.max_epochs=2", "task.effective_batch_size=96"], tmp_path))
     assert results["effective_batch_size"] == 96
     assert results["global_step"] == 2
+    rows = csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines())
+    assert [int(r["epoch"]) for r in rows if r["val/loss"]] == [0, 1]  # every epoch validated
+
+
+def test_an_optimizer_step_larger_than_the_data_names_the_keys(tmp_path):
+    from maelab.errors import UserError
+
+    with pytest.raises(UserError, match="data.batch_size=32 x 8 accumulated x 1 rank.* 256 images, more than the 128"):
+        run(compose_config(TINY + ["trainer.max_epochs=1", "task.effective_batch_size=256"], tmp_path))
 
 
 def test_each_rank_draws_its_own_stream_and_a_rank_repeats_its_own():

@@ -31,7 +31,25 @@ def heads(width, head_dim):
     return width // head_dim
 
 
+def slurm_count(value, key):
+    """``${slurm_count:${trainer.devices},trainer.devices}``: a trainer count SLURM can be asked
+    for. ``-1`` or ``auto`` (all visible GPUs) means nothing before the job has a node.
+
+    Hydra resolves the launcher in its own process, outside any maelab job and its error
+    handling, so the refusal ends the command here with its message alone."""
+    import sys
+
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    print(
+        f"error: hydra.launcher: {key}={value}: SLURM must be asked for a number of nodes and GPUs per node; set "
+        f"{key} to a positive integer, e.g. trainer=multinode trainer.num_nodes=1 trainer.devices=8",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
 def register_resolvers() -> None:
-    for name, resolver in (("on_gpu", on_gpu), ("heads", heads)):
+    for name, resolver in (("on_gpu", on_gpu), ("heads", heads), ("slurm_count", slurm_count)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -28,15 +28,18 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    from maelab.callbacks.preemption import under_submitit
+    from maelab.callbacks.preemption import checkpoint_owner, submitit_job_id
 
     path = output_dir / "checkpoints" / "last.ckpt"
+    job = submitit_job_id()
+    if job is not None and path.is_file() and checkpoint_owner(path.parent) == job:
+        # a job submitit requeued after a preemption or time limit: its own last.ckpt wins over the
+        # ckpt_path its command names, which is where its first attempt started
+        log.info("requeued job %s: resuming from %s", job, path)
+        return str(path)
     if ckpt_path is None:
         if not path.is_file():
             return None
-        if under_submitit():  # a job submitit requeued after a preemption or time limit
-            log.info("requeued job: resuming from %s", path)
-            return str(path)
         raise UserError(
             f"{output_dir} already holds a run ({path}); starting afresh would overwrite it. "
             "Resume it with ckpt_path=last, or choose another directory (hydra.run.dir)"
@@ -111,6 +114,26 @@ def loader_augmentation(cfg: DictConfig, datamodule) -> DictConfig | None:
     return None
 
 
+def check_slurm_allocation(trainer_cfg: DictConfig) -> None:
+    """The job's nodes and tasks per node must be the trainer's. submitit asks SLURM for them once,
+    from the config the sweep started with, so a sweep point that changes them would otherwise
+    train with ranks missing or to spare."""
+    env = os.environ
+    if "SLURM_NNODES" in env and int(env["SLURM_NNODES"]) != trainer_cfg.get("num_nodes", 1):
+        raise UserError(
+            f"trainer.num_nodes={trainer_cfg.get('num_nodes', 1)}, but this SLURM job has {env['SLURM_NNODES']} "
+            "node(s) (hydra.launcher.nodes). A sweep cannot vary the allocation: set trainer.num_nodes outside the "
+            "sweep, or submit one sweep per allocation"
+        )
+    tasks = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # e.g. "8" or "8(x2)"
+    if tasks.isdigit() and int(tasks) != trainer_cfg.get("devices"):
+        raise UserError(
+            f"trainer.devices={trainer_cfg.get('devices')}, but this SLURM job runs {tasks} task(s) per node "
+            "(hydra.launcher.tasks_per_node, one per GPU). A sweep cannot vary the allocation: set trainer.devices "
+            "outside the sweep, or submit one sweep per allocation"
+        )
+
+
 def build(cfg: DictConfig):
     """(datamodule, module, trainer) from a composed config."""
     import lightning as L
@@ -150,6 +173,8 @@ def build(cfg: DictConfig):
     callbacks.append(MetricHistory())  # results.json's best and last
     callbacks.append(Preemption(Path(cfg.paths.output_dir) / "checkpoints"))  # saves, then submitit requeues
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    if SLURMEnvironment.detect():
+        check_slurm_allocation(cfg.trainer)
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -251,11 +276,16 @@ def evaluate_on_test(cfg: DictConfig, trainer, module, datamodule) -> dict | Non
 
 
 def skipped_images(trainer, datamodule) -> int | None:
+    """Unreadable files skipped under data.skip_bad_images: each counted once, whichever ranks met it."""
     if not hasattr(datamodule, "skipped"):
         return None
-    import torch
+    if trainer.world_size == 1:
+        return len(datamodule.skipped)
+    import torch.distributed as dist
 
-    return int(trainer.strategy.reduce(torch.tensor(float(len(datamodule.skipped))), reduce_op="sum"))
+    per_rank = [None] * trainer.world_size
+    dist.all_gather_object(per_rank, sorted(datamodule.skipped))
+    return len(set().union(*per_rank))
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -10,10 +10,17 @@ the signal handler, in the middle of a step, which cannot resume exactly.
 
 What maelab adds in between: when submitit's warning signal (USR2, ``signal_delay_s`` before the
 limit) arrives, this callback only notes it. At the end of the next optimizer step the ranks agree
-to stop and all of them take part in writing ``last.ckpt`` (atomically). Once that batch's metrics
-are logged, submitit's own handler runs: on rank 0 it requeues the job and exits, on the other ranks it does nothing and
-the rank exits. The requeued job finds ``last.ckpt`` in its output directory and resumes from it
-(``train.resolve_ckpt_path``), at the same step, sample order and random states.
+to stop and all of them take part in writing ``last.ckpt`` (atomically); at an epoch's last step
+they wait until its validation has run. Once that batch's metrics are logged, submitit's own
+handler runs: on rank 0 it requeues the job and exits, on the other ranks it does nothing and the
+rank exits. A signal in the last epoch requeues the job after training, so that the final
+evaluation runs in the next job instead of being cut off.
+
+The requeued job (the same submitit job id, recorded in ``checkpoints/submitit_job``) resumes
+from ``last.ckpt``, even when its command names another ``ckpt_path``: that was where the first
+attempt started. Another job that finds a ``last.ckpt`` it did not write is refused, as outside
+submitit (``train.resolve_ckpt_path``). It continues at the same step, sample order and random
+states.
 """
 
 import logging
@@ -28,6 +35,27 @@ log = logging.getLogger(__name__)
 
 def under_submitit() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def submitit_job_id() -> str | None:
+    """The id submitit keeps across requeues of a job (``<array id>_<task>`` in an array)."""
+    if not under_submitit():
+        return None
+    import submitit
+
+    try:
+        return submitit.JobEnvironment().job_id
+    except KeyError:  # the executor's variables are missing: not started by submitit
+        return None
+
+
+def checkpoint_owner(checkpoint_dir: Path) -> str | None:
+    """The submitit job that trained into this directory (written when its training starts)."""
+    path = Path(checkpoint_dir) / OWNER_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+OWNER_FILE = "submitit_job"
 
 
 def submitit_signal() -> signal.Signals:
@@ -50,6 +78,10 @@ class Preemption(L.Callback):
         self.active = under_submitit()  # the same on every rank: all of them join the step check
         if not self.active:
             return
+        job = submitit_job_id()
+        if trainer.is_global_zero and job is not None:  # lets a requeue of this job, and only it, resume
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            (self.path.parent / OWNER_FILE).write_text(job + "\n")
         signum = submitit_signal()
         self.handover = signal.getsignal(signum)
         self.previous_sigterm = signal.getsignal(signal.SIGTERM)
@@ -62,11 +94,16 @@ class Preemption(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.active:
             return
+        self._restore_handlers()
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            # in the last epoch or after it: the final evaluation may not fit before the kill, so the
+            # job is requeued now and the requeued one resumes at the end of training to evaluate
+            self._hand_over()
+
+    def _restore_handlers(self) -> None:
         self.active = False
         signal.signal(submitit_signal(), self.handover)
         signal.signal(signal.SIGTERM, self.previous_sigterm)
-        if self.received is not None and not self.saved and callable(self.handover):
-            self.handover(submitit_signal(), self.received[1])  # arrived after the last step: requeue now
 
     def _note(self, signum: int, frame) -> None:
         if self.received is None:
@@ -77,8 +114,16 @@ class Preemption(L.Callback):
         # Lightning resumes exactly from checkpoints written here, at the end of a batch
         if not self.active or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # not under submitit, or mid-accumulation (gradients are not in checkpoints)
-        if trainer.global_step % self.check_every_n_steps:
-            return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return  # the epoch's last step: its validation and epoch-end hooks run first (on_train_epoch_end)
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self._save_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active and not self.saved:
+            self._save_if_signalled(trainer)
+
+    def _save_if_signalled(self, trainer: L.Trainer) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # every rank takes part
@@ -87,17 +132,15 @@ class Preemption(L.Callback):
 
     # The hand-over waits for whichever comes next, so that this batch's metrics are logged first.
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self._hand_over(trainer, pl_module)
+        if self.saved:
+            self._restore_handlers()
+            self._hand_over()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._hand_over(trainer, pl_module)
+        self.on_train_batch_start(trainer, pl_module, None, 0)
 
-    def _hand_over(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.saved:
-            return
+    def _hand_over(self) -> None:
         frame = self.received[1] if self.received else None
-        handover = self.handover
-        self.on_train_end(trainer, pl_module)
-        if callable(handover):
-            handover(submitit_signal(), frame)  # rank 0: requeue and exit; other ranks: returns
+        if callable(self.handover):
+            self.handover(submitit_signal(), frame)  # rank 0: requeue and exit; other ranks: returns
         raise SystemExit(0)

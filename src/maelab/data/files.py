@@ -1,7 +1,9 @@
 """Image files on disk: listing an ImageFolder tree and reading any file as RGB."""
 
+import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from maelab.errors import UserError
@@ -14,7 +16,34 @@ def class_folders(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def list_image_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+class FileList:
+    """(path, label) pairs held in two numpy arrays. DataLoader workers are forked copies of the
+    main process: a list of 1.28M tuples is millions of Python objects whose reference counts
+    every worker touches on access, so copy-on-write duplicates it in each worker, epoch after
+    epoch. Two arrays are two objects, shared as they are."""
+
+    def __init__(self, paths: np.ndarray, labels: np.ndarray):
+        self.paths, self.labels = paths, labels
+
+    @classmethod
+    def of(cls, pairs: list[tuple[Path, int]]) -> "FileList":
+        paths = np.array([os.fsencode(p) for p, _ in pairs], dtype=np.bytes_)
+        return cls(paths, np.array([label for _, label in pairs], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Path, int]:
+        return Path(os.fsdecode(self.paths[i])), int(self.labels[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def subset(self, index: list[int]) -> "FileList":
+        return FileList(self.paths[index], self.labels[index])
+
+
+def list_image_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], FileList]:
     """Class names and (file, label) pairs in a stable order. ``classes`` (the train split's)
     fixes the labels; a split with other class folders is refused, naming the difference."""
     found = class_folders(split_dir)
@@ -35,7 +64,7 @@ def list_image_folder(split_dir: Path, classes: list[str] | None = None) -> tupl
                     f"{', '.join(sorted(IMAGE_SUFFIXES))} files under <split>/<class>/"
                 )
             files.append((path, label))
-    return found, files
+    return found, FileList.of(files)
 
 
 def read_rgb(path: Path) -> Image.Image:

@@ -10,22 +10,23 @@ a transform that normalises itself (timm's RandAugment pipeline). Evaluation res
 ``img_size / eval_crop_fraction`` (256 for 224) and takes the center crop, bicubic.
 
 A file that cannot be decoded stops the run with its name. With ``skip_bad_images=true`` it is
-dropped from its batch instead, logged with its name and counted (``results.json``). The check
+dropped instead (a training batch keeps its size with a copy of another of its images), logged
+with its name and counted once however often it is met (``results.json``, over all ranks). The check
 runs in the main process, on the batch the workers hand over, so counts are never lost in a worker.
 """
 
 import logging
-import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from maelab.data.base import ShardedDataModule
-from maelab.data.files import class_folders, list_image_folder, read_rgb
-from maelab.data.samplers import replicas
+from maelab.data.base import ShardedDataModule, worker_init
+from maelab.data.files import FileList, class_folders, list_image_folder, read_rgb
+from maelab.data.samplers import sample_rng
 from maelab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,29 +50,41 @@ class FileBatch:
         return self
 
 
-def collate(samples: list) -> FileBatch:
+def collate(samples: list, keep_size: bool = False) -> FileBatch:
+    """Stacks the readable samples. ``keep_size`` (training) puts copies of readable samples of the
+    batch in the places of unreadable ones, so a skipped file never changes the batch's shape
+    (mixup pairs samples and needs an even batch; a compiled step wants a static one)."""
     good = [s for s in samples if not isinstance(s, BadImage)]
     bad = [s for s in samples if isinstance(s, BadImage)]
     if not good:
         return FileBatch(None, None, bad)
+    if keep_size:
+        good += [good[i % len(good)] for i in range(len(bad))]
     images = torch.stack([image for image, _ in good])
     return FileBatch(images, torch.tensor([label for _, label in good], dtype=torch.long), bad)
 
 
 class ImageFiles(Dataset):
-    def __init__(self, files: list[tuple[Path, int]], transform):
-        self.files, self.transform = files, transform
+    """Decoded, transformed files. A training key is (index, epoch): the augmentation then draws
+    from (seed, epoch, index) (``samplers.sample_rng``), the same in any worker, after any resume."""
+
+    def __init__(self, files: FileList, transform, seed: int = 0):
+        self.files, self.transform, self.seed = files, transform, seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         path, label = self.files[i]
         try:
             image = read_rgb(path)
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken or unknown files
             return BadImage(str(path), f"{type(e).__name__}: {e}")
-        return self.transform(image), label
+        if epoch is None:
+            return self.transform(image), label
+        with sample_rng(self.seed, epoch, i):
+            return self.transform(image), label
 
 
 class ImageFolderDataModule(ShardedDataModule):
@@ -120,10 +133,10 @@ class ImageFolderDataModule(ShardedDataModule):
         self.eval_crop_fraction, self.interpolation = eval_crop_fraction, T.InterpolationMode(interpolation)
         self.val_size, self.split_seed = val_size, split_seed
         self.skip_bad_images = skip_bad_images
-        self.num_workers = min(10, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.num_workers = num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.train_transform = None  # set by train.build from the augment config
-        self.files: dict[str, list[tuple[Path, int]]] = {}
+        self.files: dict[str, FileList] = {}
         self.skipped: dict[str, str] = {}  # path -> why it could not be read
 
     def setup(self, stage: str | None = None) -> None:
@@ -139,9 +152,11 @@ class ImageFolderDataModule(ShardedDataModule):
             if not 0 < self.val_size < len(train):
                 raise UserError(f"data.val_size={self.val_size} must be between 0 and {len(train) - 1}")
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-            held = set(order[len(train) - self.val_size :])
-            self.files["train"] = [f for i, f in enumerate(train) if i not in held]
-            self.files["val"] = [f for i, f in enumerate(train) if i in held]
+            cut = len(train) - self.val_size
+            self.files["train"], self.files["val"] = (
+                train.subset(sorted(order[:cut])),
+                train.subset(sorted(order[cut:])),
+            )
         log.info("%s: %s", self.root, ", ".join(f"{k} {len(v)} images" for k, v in self.files.items()))
 
     def eval_transform(self) -> T.Compose:
@@ -150,27 +165,23 @@ class ImageFolderDataModule(ShardedDataModule):
         return T.Compose([T.Resize(resize, self.interpolation), T.CenterCrop(self.img_size), T.PILToTensor()])
 
     def _loader(self, split: str, transform, train: bool) -> DataLoader:
-        dataset = ImageFiles(self.files[split], transform)
-        workers = self.num_workers
+        dataset = ImageFiles(self.files[split], transform, self.seed)
+        workers = self.workers(cap=10)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=self.train_sampler(dataset) if train else self.eval_sampler(dataset),
+            sampler=self.train_sampler(dataset, with_epoch=True) if train else self.eval_sampler(dataset),
             drop_last=train,
             num_workers=workers,
-            collate_fn=collate,
+            collate_fn=partial(collate, keep_size=train),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
+            # kept alive between epochs for training; evaluation's would idle, holding memory
+            persistent_workers=train and self.persistent_workers and workers > 0,
+            worker_init_fn=worker_init,
             generator=self.loader_generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        world, _ = replicas(self)
-        if len(self.files["train"]) < self.batch_size * world:
-            raise UserError(
-                f"data.batch_size={self.batch_size} x {world} rank(s) is more than the {len(self.files['train'])} "
-                "training images"
-            )
         # augment=none trains on the evaluation view
         return self._loader("train", self.train_transform or self.eval_transform(), train=True)
 
@@ -193,6 +204,13 @@ class ImageFolderDataModule(ShardedDataModule):
         if batch.images is None:
             raise UserError(f"no image of a batch could be read, e.g. {batch.bad[0].path}: check {self.root}")
         return batch.images, batch.labels
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "skipped": dict(self.skipped)}  # a resumed run keeps counting them
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.skipped.update(state.get("skipped", {}))
 
     def preview_images(self, n: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
         """n images evenly spaced through a split (uint8, CPU, the evaluation view)."""

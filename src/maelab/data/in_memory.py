@@ -6,15 +6,14 @@ from a copy of the split that lives on the training device. On a GPU a batch the
 gather: no worker decodes, collates or copies images in the loop.
 """
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from maelab.data.base import ShardedDataModule
-from maelab.data.samplers import replicas
+from maelab.data.base import ShardedDataModule, worker_init
+from maelab.data.samplers import sample_rng
 from maelab.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -29,16 +28,19 @@ class IndexBatch:
 
 
 class _Transformed(Dataset):
-    """Images of a split through a per-image transform (in DataLoader workers)."""
+    """Images of a split through a per-image transform (in DataLoader workers), keyed by
+    (index, epoch) so each sample's augmentation draws from (seed, epoch, index)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform, seed: int):
+        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[i]), int(self.labels[i])
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key
+        with sample_rng(self.seed, epoch, i):
+            return self.transform(self.images[i]), int(self.labels[i])
 
 
 class _Indices(Dataset):
@@ -85,7 +87,7 @@ class InMemoryImageDataModule(ShardedDataModule):
         self.mean, self.std = list(mean), list(std)
         self.val_size = val_size
         self.split_seed = split_seed
-        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.num_workers = num_workers
         self.train_transform = None
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._on_device: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -120,12 +122,6 @@ class InMemoryImageDataModule(ShardedDataModule):
 
     def train_dataloader(self) -> DataLoader:
         images, labels = self.splits["train"]
-        world, _ = replicas(self)
-        if len(labels) < self.batch_size * world:
-            raise UserError(
-                f"data.batch_size={self.batch_size} x {world} rank(s) is more than the {len(labels)} training "
-                f"images; use a per-device batch of at most {len(labels) // world}"
-            )
         if self.train_transform is None:
             dataset = _Indices(len(labels))
             return DataLoader(
@@ -136,15 +132,17 @@ class InMemoryImageDataModule(ShardedDataModule):
                 drop_last=True,  # every step sees a full batch: the lr rule assumes it
                 collate_fn=partial(_collate, split="train"),
             )
-        dataset = _Transformed(images, labels, self.train_transform)
+        dataset = _Transformed(images, labels, self.train_transform, self.seed)
+        workers = self.workers(cap=8)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=self.train_sampler(dataset),
+            sampler=self.train_sampler(dataset, with_epoch=True),
             generator=self.loader_generator(),
             drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=worker_init,
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -4,9 +4,12 @@ Both are ``DistributedSampler`` subclasses, so Lightning keeps them on every ran
 only other samplers) and calls ``set_epoch`` each epoch.
 
 ``EpochShuffleSampler``: one permutation of the split per epoch, cut into disjoint equal shards,
-one per rank. A run resumed from a checkpoint written in the middle of an epoch starts the
-interrupted epoch at the sample where its rank stopped (``resume_at``), so it sees exactly the
-batches the uninterrupted run would have seen: same samples, same order.
+one per rank, each a whole number of optimizer steps (``step_samples`` = per-device batch x
+gradient accumulation): a trailing partial accumulation would step with a fraction of the
+effective batch, so those samples wait for another epoch's permutation. A run resumed from a
+checkpoint written in the middle of an epoch starts the interrupted epoch at the sample where its
+rank stopped (``resume_at``), so it sees exactly the batches the uninterrupted run would have
+seen: same samples, same order.
 
 ``EvalShardSampler``: every sample exactly once over all ranks. Lightning's default pads the last
 shard with repeated samples so all ranks hold equal counts, which counts those samples twice in
@@ -14,14 +17,30 @@ the accuracy; validation here only reduces metrics at the end of the epoch, so u
 (by one sample at most) are safe.
 """
 
+import random
+from contextlib import contextmanager
+
+import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
 
 class EpochShuffleSampler(DistributedSampler):
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+        step_samples: int = 1,
+        with_epoch: bool = False,  # yield (index, epoch): per-sample augmentation seeds (sample_rng)
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.num_samples -= self.num_samples % step_samples
+        self.total_size = self.num_samples * num_replicas
         self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank already trained on)
+        self.with_epoch = with_epoch
 
     def resume_at(self, epoch: int, samples: int) -> None:
         """The next pass over ``epoch`` skips this rank's first ``samples`` samples."""
@@ -34,11 +53,35 @@ class EpochShuffleSampler(DistributedSampler):
             order = torch.randperm(len(self.dataset), generator=g)
         else:
             order = torch.arange(len(self.dataset))
-        mine = order[: self.total_size][self.rank :: self.num_replicas]  # disjoint, equal shards
+        mine = order[: self.total_size][self.rank :: self.num_replicas]  # disjoint, equal, whole steps
         skip = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             skip, self._resume = self._resume[1], None
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in mine[skip:].tolist()])
         return iter(mine[skip:].tolist())
+
+
+@contextmanager
+def sample_rng(seed: int, epoch: int, index: int):
+    """Seeds torch's CPU stream, ``random`` and numpy from (run seed, epoch, sample) for one
+    sample's augmentation (torchvision's crops and flips, timm's RandAugment and erasing draw from
+    them). A sample's crop then does not depend on which worker draws it or when: a run resumed
+    mid-epoch redraws exactly the crops the interrupted one would have, and any ``num_workers``
+    gives the same batches. In the main process (``num_workers=0``) the streams are put back."""
+    key = ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+    in_worker = get_worker_info() is not None
+    saved = None if in_worker else (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    torch.default_generator.manual_seed(key)
+    random.seed(key)
+    np.random.seed(key % 2**32)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
 
 
 class EvalShardSampler(DistributedSampler):

@@ -12,12 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from maelab.data.transforms import model_input
 from maelab.errors import UserError
 from maelab.models.classifier import ViTClassifier
-from maelab.modules.optim import (
-    adamw_warmup_cosine,
-    lars_warmup_cosine,
-    param_groups_layer_decay,
-    skip_partial_accumulation,
-)
+from maelab.modules.optim import adamw_warmup_cosine, lars_warmup_cosine, param_groups_layer_decay
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +116,6 @@ class ClassifierModule(L.LightningModule):
         for module in self.frozen:
             module.eval()
         return self
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
-        return skip_partial_accumulation(self.trainer, batch_idx)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch

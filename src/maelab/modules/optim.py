@@ -52,31 +52,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def full_step_batches(trainer: L.Trainer) -> int:
-    """Training batches per epoch that fill whole optimizer steps. A trailing partial
-    accumulation would step with a fraction of the effective batch, so it is skipped."""
-    accumulate = trainer.accumulate_grad_batches
-    batches = (trainer.num_training_batches // accumulate) * accumulate
-    if batches == 0:
-        raise UserError(
-            f"an epoch has {trainer.num_training_batches} batches, fewer than the {accumulate} accumulated per "
-            "optimizer step: lower task.effective_batch_size or use more data"
-        )
-    return batches
-
-
-def skip_partial_accumulation(trainer: L.Trainer, batch_idx: int) -> int | None:
-    """``on_train_batch_start``'s answer: -1 (skip the rest of the epoch) once the remaining
-    batches cannot fill an optimizer step."""
-    return -1 if batch_idx >= full_step_batches(trainer) else None
-
-
 def schedule_steps(trainer: L.Trainer, warmup_epochs: float) -> tuple[int, int]:
     """(warmup_steps, total_steps) in optimizer steps. The schedule follows max_epochs, so
     ``trainer.max_steps`` only cuts a run short without reshaping its lr curve; with
     ``max_epochs=-1`` it follows max_steps."""
     estimated = trainer.estimated_stepping_batches  # also sets up the train dataloader
-    steps_per_epoch = full_step_batches(trainer) // trainer.accumulate_grad_batches
+    # the samplers make an epoch whole optimizer steps; a limit_train_batches cut ends with a partial one
+    steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
     if trainer.max_epochs is not None and trainer.max_epochs > 0:
         total = steps_per_epoch * trainer.max_epochs
     else:

@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from maelab.data.transforms import model_input
 from maelab.models.mae import MaskedAutoencoder
-from maelab.modules.optim import adamw_warmup_cosine, param_groups_weight_decay, skip_partial_accumulation
+from maelab.modules.optim import adamw_warmup_cosine, param_groups_weight_decay
 
 
 class PretrainModule(L.LightningModule):
@@ -47,6 +47,7 @@ class PretrainModule(L.LightningModule):
             masking=instantiate(masking),
         )
         self.model.num_visible(mask_ratio)  # fails now, not at the first step, if nothing stays visible
+        self.model.masking.check(self.model.patch_embed.grid_size, mask_ratio)
         self.augment = instantiate(augment, size=img_size) if augment else None
         self.mask_ratio = mask_ratio
         self.img_size = img_size
@@ -63,9 +64,6 @@ class PretrainModule(L.LightningModule):
     def preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device -> normalised float (N, 3, img_size, img_size)."""
         return model_input(images, self.mean, self.std, self.img_size, self.augment if train else None)
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
-        return skip_partial_accumulation(self.trainer, batch_idx)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, _ = batch
