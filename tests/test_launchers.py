@@ -140,7 +140,7 @@ def test_the_paper_sweeps_select_their_grids(tmp_path):
         "mask_ratio": ("task.mask_ratio", "0.4,0.5,0.6,0.7,0.75,0.8,0.9"),
         "decoder_depth": ("task.decoder_depth", "1,2,4,8,12"),
         "decoder_width": ("task.decoder_width", "128,256,512,768,1024"),
-        "target": ("target", "pixel,norm_pixel"),
+        "target": ("target", "pixel,norm_pixel,pca,hog"),
         "masking": ("masking", "random,block,grid"),
     }
     for sweep, (key, values) in grids.items():

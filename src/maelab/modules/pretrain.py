@@ -1,5 +1,7 @@
 """MAE pretraining as a LightningModule: augment on the device, mask, reconstruct, regress."""
 
+import logging
+
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -7,6 +9,8 @@ from hydra.utils import instantiate
 from maelab.data.transforms import model_input
 from maelab.models.mae import MaskedAutoencoder
 from maelab.modules.optim import adamw_warmup_cosine, param_groups_weight_decay
+
+log = logging.getLogger(__name__)
 
 
 class PretrainModule(L.LightningModule):
@@ -60,6 +64,22 @@ class PretrainModule(L.LightningModule):
             from maelab.pretrained import load_full
 
             load_full(self.model, self.hparams.init_from)
+
+    def on_fit_start(self) -> None:
+        """A target estimated from data (PCA) is fitted once, on the evaluation view of training
+        images evenly spread over the split, and broadcast from rank 0 so all ranks agree. A
+        resumed run has it from its checkpoint."""
+        target = self.model.target
+        if not hasattr(target, "fit") or bool(target.fitted):
+            return
+        L = self.model.patch_embed.num_patches
+        images, _ = self.trainer.datamodule.preview_images(-(-target.num_patches // L), split="train")
+        target.fit(self.preprocess(images.to(self.device), train=False), torch.Generator().manual_seed(0))
+        for buffer in target.buffers():
+            buffer.copy_(self.trainer.strategy.broadcast(buffer))
+        log.info(
+            "target %s: %d components fitted on %d training images", type(target).__name__, target.out_dim, len(images)
+        )
 
     def preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device -> normalised float (N, 3, img_size, img_size)."""
