@@ -70,7 +70,9 @@ def test_help_lists_commands_and_config_groups(tmp_path):
     for group in (
         "task: finetune, linprobe, pretrain, scratch",
         "model: vit_base, vit_huge, vit_large, vit_small, vit_tiny",
-        "target: norm_pixel, pixel",
+        "target: hog, norm_pixel, pca, pixel",
+        "masking: block, grid, random",
+        "logger: csv, tensorboard, wandb",
         "experiment: " + ", ".join(EXPERIMENTS),
     ):
         assert group in train_help.stdout, train_help.stdout

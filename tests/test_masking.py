@@ -93,3 +93,14 @@ def test_a_pretraining_run_learns_with_structured_masks(masking, tmp_path):
     rows = csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines())
     val = [float(r["val/loss"]) for r in rows if r["val/loss"]]  # the same masks every epoch
     assert len(val) == 4 and val[-1] < val[0] - 0.05  # measured: 1.36 -> 1.28
+
+
+def test_the_command_line_names_an_impossible_grid_ratio_in_one_line(tmp_path):
+    from tests.conftest import maelab
+
+    done = maelab("train", "+experiment=quickstart", "masking=grid", "task.mask_ratio=0.5", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: task.mask_ratio=0.5 with masking=grid: keeping one patch in every 2x2 group masks 0.75 of the "
+        "patches at least; choose task.mask_ratio >= 0.75"
+    )

@@ -77,6 +77,7 @@ def task_function(cfg: "DictConfig") -> None:
         log.warning("no +experiment=NAME given: running the root defaults (conf/train.yaml)")
     pin_ddp_relaunch_to_this_job()
     log_file_per_slurm_task()
+    from hydra.errors import InstantiationException
     from omegaconf.errors import InterpolationResolutionError
 
     from maelab.train import run
@@ -85,6 +86,14 @@ def task_function(cfg: "DictConfig") -> None:
         run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except InstantiationException as e:  # a constructor refused a value; Hydra wraps its error
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
     except InterpolationResolutionError as e:  # a maelab resolver refused a value (e.g. ${heads:...})
         prefix = "UserError raised while resolving interpolation: "  # OmegaConf keeps only the message

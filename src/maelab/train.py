@@ -212,6 +212,7 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)  # before the heavy imports: a bad value fails in a second
     from maelab.callbacks.metric_history import MetricHistory
     from maelab.callbacks.throughput import Throughput
+    from maelab.loggers import finish_loggers
 
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
@@ -223,18 +224,27 @@ def run(cfg: DictConfig) -> dict:
     else:
         module.load_initial_weights()  # task.pretrained / task.init_from: only a fresh run reads them
 
-    with one_job_of_processes():
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        wall_clock = time.perf_counter() - start
-        last = output_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever the periodic schedule
-        last_metrics = {
-            "epoch": trainer.current_epoch - 1,
-            **{k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
-        }
-        test = evaluate_on_test(cfg, trainer, module, datamodule)
-        skipped = skipped_images(trainer, datamodule)
+    for logger in trainer.loggers:  # the resolved config, whole; the module adds its own hyper-parameters
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    error = None
+    try:
+        with one_job_of_processes():
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            wall_clock = time.perf_counter() - start
+            last = output_dir / "checkpoints" / "last.ckpt"
+            trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever the periodic schedule
+            last_metrics = {
+                "epoch": trainer.current_epoch - 1,
+                **{k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
+            }
+            test = evaluate_on_test(cfg, trainer, module, datamodule)
+            skipped = skipped_images(trainer, datamodule)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        finish_loggers(trainer, error)
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     history = next(c for c in trainer.callbacks if isinstance(c, MetricHistory))

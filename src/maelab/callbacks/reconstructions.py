@@ -1,4 +1,5 @@
-"""Reconstruction grids (paper Fig. 2): masked input | reconstruction | original, as PNG."""
+"""Reconstruction grids (paper Fig. 2): masked input | reconstruction | original, as PNG and in
+the loggers that show images."""
 
 import logging
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from maelab.data.transforms import denormalize
+from maelab.loggers import log_image
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class ReconstructionGrid(L.Callback):
             grid = images_big.squeeze(0)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
+        log_image(trainer, "reconstructions", grid, trainer.global_step)  # W&B, TensorBoard
         self.written.append(path)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
