@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "pretrain, fine-tune or probe: a Hydra app (maelab train --help lists its config groups)",
     "export": "write a checkpoint's encoder as a timm VisionTransformer state dict (maelab export --help)",
     "sweep-report": "tabulate and plot a sweep's results: markdown, CSV and PNG (maelab sweep-report --help)",
+    "visualize": "draw masked | reconstruction | original for a pretraining checkpoint (maelab visualize --help)",
 }
 
 
@@ -140,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         "  maelab train -m +experiment=mae_vitt_cifar10 task.mask_ratio=0.5,0.75,0.9\n"
         "  maelab train +experiment=finetune_vitt_cifar10 task.pretrained=<pretraining run>/checkpoints/last.ckpt\n"
         "  maelab export outputs/finetune_vitt_cifar10/<run>/checkpoints/last.ckpt vit_t2_cifar10.pth\n"
-        "  maelab sweep-report multirun/mae_vitt_cifar10/<date>",
+        "  maelab sweep-report multirun/mae_vitt_cifar10/<date>\n"
+        "  maelab visualize outputs/pre/checkpoints/last.ckpt --images cifar10 --mask-ratio 0.75 0.85 0.95",
     )
     parser.add_argument("--version", action="version", version=f"maelab {__version__}")
     parser.add_argument("command", metavar="command", choices=sorted(COMMANDS), help="one of: " + ", ".join(COMMANDS))
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         from maelab.export import main as export_main
 
         return export_main(parsed.args)
+    elif parsed.command == "visualize":
+        from maelab.visualize import main as visualize_main
+
+        return visualize_main(parsed.args)
     elif parsed.command == "sweep-report":
         from maelab.sweep_report import main as report_main
 

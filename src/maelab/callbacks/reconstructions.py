@@ -18,18 +18,19 @@ MASKED_GREY = 0.5  # the colour of hidden patches in the "masked input" column
 
 
 @torch.no_grad()
-def reconstruction_grid(module: L.LightningModule, images: torch.Tensor, seed: int = 0) -> torch.Tensor | None:
-    """One row per image: masked input, reconstruction with the visible patches pasted back,
-    original; as a [0, 1] image (3, H, W). None for targets that are not pixels."""
+def reconstruct(
+    module: L.LightningModule, images: torch.Tensor, mask_ratio: float, masking=None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked input, reconstruction with the visible patches pasted back, original), each
+    (N, 3, H, W) in [0, 1], for uint8 images. ``masking``: a strategy other than the model's."""
     model = module.model
-    if not model.target.in_pixel_space:
-        return None
     x = module.preprocess(images.to(module.device), train=False)
     g = torch.Generator(device=x.device).manual_seed(seed)  # the same masks every time
-    noise = model.masking.noise(len(x), model.patch_embed.grid_size, module.mask_ratio, x.device, g)
+    masking = masking or model.masking
+    noise = masking.noise(len(x), model.patch_embed.grid_size, mask_ratio, x.device, g)
     was_training = model.training
     model.eval()
-    _, pred, mask = model(x, module.mask_ratio, noise)
+    _, pred, mask = model(x, mask_ratio, noise)
     model.train(was_training)
 
     pred = model.unpatchify(model.target.to_pixels(pred.float(), x))  # norm_pixel: per-patch stats undone
@@ -38,8 +39,17 @@ def reconstruction_grid(module: L.LightningModule, images: torch.Tensor, seed: i
     original = denormalize(x, module.mean, module.std)
     reconstruction = denormalize(x * (1 - hidden) + pred * hidden, module.mean, module.std)
     masked = original * (1 - hidden) + MASKED_GREY * hidden
+    return masked.clamp(0, 1), reconstruction.clamp(0, 1), original.clamp(0, 1)
+
+
+def reconstruction_grid(module: L.LightningModule, images: torch.Tensor, seed: int = 0) -> torch.Tensor | None:
+    """One row per image: masked input, reconstruction, original; as a [0, 1] image (3, H, W).
+    None for targets that are not pixels."""
+    if not module.model.target.in_pixel_space:
+        return None
+    masked, reconstruction, original = reconstruct(module, images, module.mask_ratio, seed=seed)
     rows = torch.stack([masked, reconstruction, original], dim=1).flatten(0, 1)  # (3N, 3, H, W)
-    return make_grid(rows.clamp(0, 1), nrow=3, padding=2, pad_value=1.0)
+    return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
 
 
 class ReconstructionGrid(L.Callback):

@@ -59,7 +59,8 @@ class HOGTarget(nn.Module):
     2022): per colour channel, Sobel gradients; each pixel votes its gradient magnitude into one
     of ``bins`` unsigned orientation bins (0-180 degrees); votes are summed over ``cell`` x
     ``cell`` cells and each cell's histogram is L2-normalised. A 16-px patch with 8-px cells has
-    3 channels x 4 cells x 9 bins = 108 values. All convolutions and pooling on the device."""
+    3 channels x 4 cells x 9 bins = 108 values. All convolutions and pooling on the device.
+    MaskFeat's optional Gaussian weighting of the magnitudes within a patch is left out."""
 
     in_pixel_space = False
 

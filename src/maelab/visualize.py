@@ -1,0 +1,142 @@
+"""``maelab visualize``: what a pretrained MAE reconstructs (the paper's Fig. 2 and 4).
+
+One row per image: for each mask ratio and masking strategy asked for, the masked input and the
+reconstruction (visible patches pasted back), then the original. Column titles sit on top.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid
+
+from maelab.errors import UserError
+
+TITLE_HEIGHT = 14
+
+
+def load_pretrain_module(ckpt: str):
+    """A maelab pretraining checkpoint (``last.ckpt``) as a PretrainModule on the CPU, eval mode."""
+    from maelab.modules.pretrain import PretrainModule
+
+    if not Path(ckpt).is_file():
+        raise UserError(f"{ckpt}: no such file; pass a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt)")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    target = state.get("hyper_parameters", {}).get("target") if isinstance(state, dict) else None
+    if target is None or "state_dict" not in state:
+        raise UserError(f"{ckpt}: not a maelab pretraining checkpoint (no hyper-parameters with a target)")
+    module = PretrainModule.load_from_checkpoint(ckpt, map_location="cpu")
+    return module.eval()
+
+
+def load_images(source: str, n: int, size: int) -> torch.Tensor:
+    """n uint8 images (n, 3, size, size): evenly spaced through a folder of image files (searched
+    recursively, sorted), CIFAR-10's test split (``cifar10``), or synthetic shapes (``synthetic``)."""
+    if source == "synthetic":
+        from maelab.data.synthetic import make_shapes
+
+        return make_shapes(n, size, 10, seed=0)[0]
+    if source == "cifar10":
+        from maelab.data.cifar10 import CIFAR10DataModule
+
+        root = os.environ.get("MAELAB_CIFAR10", "data/cifar10")
+        dm = CIFAR10DataModule(root=root, download=False, img_size=size, num_classes=10, batch_size=1)
+        return dm.preview_images(n, split="test")[0]
+    folder = Path(source)
+    if not folder.is_dir():
+        raise UserError(f"--images {source}: neither a folder of images nor one of: cifar10, synthetic")
+    from torchvision import transforms as T
+
+    from maelab.data.files import IMAGE_SUFFIXES, read_rgb
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"--images {source}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under it")
+    pick = torch.linspace(0, len(files) - 1, min(n, len(files))).long().tolist()
+    view = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.PILToTensor()])
+    return torch.stack([view(read_rgb(files[i])) for i in pick])
+
+
+def figure(module, images: torch.Tensor, mask_ratios: list[float], maskings: list[str], seed: int = 0, scale: int = 1):
+    """(3, H, W) in [0, 1] and the column titles: masked | reconstruction per setting, then original."""
+    from hydra.utils import instantiate
+
+    from maelab.callbacks.reconstructions import reconstruct
+
+    if not module.model.target.in_pixel_space:
+        raise UserError(
+            f"the checkpoint's target {type(module.model.target).__name__} is not pixels: there is no "
+            "reconstruction to draw (pixel, norm_pixel and pca are)"
+        )
+    columns, titles = [], []
+    for name in maskings:
+        strategy = instantiate({"_target_": MASKINGS[name]}) if name != "model" else None
+        for ratio in mask_ratios:
+            masked, reconstruction, original = reconstruct(module, images, ratio, strategy, seed)
+            columns += [masked, reconstruction]
+            label = f"{round(ratio * 100)}%" + ("" if name == "model" else f" {name}")
+            titles += [f"masked {label}", "reconstruction"]
+    columns.append(original)
+    titles.append("original")
+    cells = torch.stack(columns, dim=1).flatten(0, 1)  # row by row
+    if scale > 1:
+        cells = torch.nn.functional.interpolate(cells, scale_factor=scale, mode="nearest")
+    return make_grid(cells, nrow=len(columns), padding=2, pad_value=1.0), titles
+
+
+MASKINGS = {
+    "random": "maelab.models.masking.RandomMasking",
+    "block": "maelab.models.masking.BlockMasking",
+    "grid": "maelab.models.masking.GridMasking",
+}
+
+
+def save_with_titles(grid: torch.Tensor, titles: list[str], out: str) -> None:
+    """The grid as a PNG with each column's title above it."""
+    from PIL import Image, ImageDraw
+
+    array = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    body = Image.fromarray(array)
+    canvas = Image.new("RGB", (body.width, body.height + TITLE_HEIGHT), "white")
+    canvas.paste(body, (0, TITLE_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    width = (body.width - 2) / len(titles)
+    for i, title in enumerate(titles):
+        draw.text((2 + i * width + 2, 1), title, fill="black")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="maelab visualize",
+        description="Draw what a pretrained MAE reconstructs: masked input and reconstruction for each mask "
+        "ratio and masking strategy, then the original, one row per image.",
+    )
+    parser.add_argument("ckpt", help="a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt)")
+    parser.add_argument("--images", default="synthetic", help="a folder of images, or cifar10, or synthetic")
+    parser.add_argument("--num-images", type=int, default=6)
+    parser.add_argument("--mask-ratio", type=float, nargs="+", default=[0.75], help="e.g. 0.75 0.85 0.95")
+    parser.add_argument(
+        "--masking", nargs="+", default=["model"], choices=["model", *MASKINGS], help="default: the checkpoint's own"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the masks drawn")
+    parser.add_argument("--scale", type=int, default=0, help="enlarge each image this many times; 0: to >= 96 px")
+    parser.add_argument("--out", default="reconstructions.png")
+    args = parser.parse_args(argv)
+    try:
+        module = load_pretrain_module(args.ckpt)
+        images = load_images(args.images, args.num_images, module.img_size)
+        scale = args.scale or -(-96 // module.img_size)
+        grid, titles = figure(module, images, args.mask_ratio, args.masking, args.seed, scale)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the model refuses a mask ratio that leaves nothing visible
+        print(f"error: --mask-ratio: {e}", file=sys.stderr)
+        return 2
+    save_with_titles(grid, titles, args.out)
+    print(f"wrote {args.out}: {len(images)} images x {len(titles)} columns ({', '.join(titles)})")
+    return 0
