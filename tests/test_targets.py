@@ -109,3 +109,13 @@ def test_a_pca_run_learns_draws_reconstructions_and_resumes_with_its_components(
     second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert torch.equal(first["model.target.components"], second["model.target.components"])
     assert caplog.text.count("components fitted") == 1  # the resumed run took them from its checkpoint
+
+
+def test_targets_stay_in_full_precision_under_bf16_autocast():
+    images = torch.randn(2, 3, 32, 32)
+    hog, pca = HOGTarget(patch_size=8), PCATarget(patch_size=8, k=16)
+    pca.fit(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what a bf16-mixed training step runs under
+        hog_mixed, pca_mixed = hog(images), pca(images)
+    assert hog_mixed.dtype == pca_mixed.dtype == torch.float32
+    assert torch.equal(hog_mixed, hog(images)) and torch.equal(pca_mixed, pca(images))

@@ -9,6 +9,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from maelab import checkpoints
 from maelab.train import run
@@ -282,3 +283,57 @@ def test_the_cifar_recipe_holds_its_effective_batch_on_a_gpu_or_a_cpu(tmp_path, 
     assert cfg.data.batch_size == 256
     cfg.data.batch_size = 512  # a number is taken as it is
     assert cfg.data.batch_size == 512
+
+
+class SignalAfterLastEpochSave(ModelCheckpoint):
+    """Sends USR2 at the end of the last epoch, after Preemption's save point (Lightning runs
+    ModelCheckpoint subclasses last), as a signal during the final periodic checkpoint would."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+def test_a_signal_after_the_last_save_point_still_saves_before_the_requeue(tmp_path, monkeypatch):
+    common = TINY + ["trainer.max_epochs=3", "callbacks.last_checkpoint.every_n_epochs=2"]
+    straight = run(compose_config(common, tmp_path / "straight"))
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "77")
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: sys.exit(-1))  # submitit: requeue, exit
+    try:
+        with pytest.raises(SystemExit):
+            run(
+                compose_config(
+                    common + ["+callbacks.late._target_=tests.test_train.SignalAfterLastEpochSave"], tmp_path / "job"
+                )
+            )
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    last = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 12  # not epoch 2's step 8
+    resumed = run(compose_config(common, tmp_path / "job"))  # the requeued job only evaluates
+    a, b = weights(straight["last_checkpoint"]), weights(resumed["last_checkpoint"])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_requeued_job_finishes_its_logger_runs_as_a_success(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from maelab.callbacks.preemption import Preemption
+    from maelab.loggers import finish_loggers
+
+    class Recorded(TensorBoardLogger):
+        def finalize(self, status):
+            self.status = status
+
+    preemption = Preemption(str(tmp_path))
+    logger = Recorded(str(tmp_path))
+    trainer = SimpleNamespace(loggers=[logger], callbacks=[preemption])
+    finish_loggers(trainer, SystemExit(-1))
+    assert logger.status == "failed"  # a job that exits with an error, on its own
+    preemption.handed_over = True  # submitit requeued it and exited with -1
+    finish_loggers(trainer, SystemExit(-1))
+    assert logger.status == "success"

@@ -146,7 +146,11 @@ def log_image(trainer, key: str, image: torch.Tensor, step: int) -> None:
 def finish_loggers(trainer, error: BaseException | None) -> None:
     """Closes each logger's run when a job ends, also when it fails: W&B marks the run failed
     (or finished for a preemption's clean exit) instead of leaving it open for the next job."""
-    failed = error is not None and not (isinstance(error, SystemExit) and error.code in (0, None))
+    from maelab.callbacks.preemption import Preemption
+
+    requeued = any(isinstance(c, Preemption) and c.handed_over for c in trainer.callbacks) if trainer else False
+    # submitit's handler exits with -1 after requeueing: the run continues in the next job
+    failed = error is not None and not requeued and not (isinstance(error, SystemExit) and error.code in (0, None))
     for logger in trainer.loggers if trainer is not None else []:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             import wandb

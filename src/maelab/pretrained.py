@@ -110,8 +110,9 @@ def load_full(model: nn.Module, path: str | Path) -> None:
     state, kind = read_state_dict(path)
     source = f"{path} ({kind})"
     own = model.state_dict()
-    # a target estimated from data (PCA) that the file lacks is fitted again at the start of training
-    missing = [k for k in own if k not in state and not k.startswith("target.")]
+    # a target estimated from data (PCA) is fitted again at the start, with this run's settings
+    own = {k: v for k, v in own.items() if not k.startswith("target.")}
+    missing = [k for k in own if k not in state]
     if missing:
         raise UserError(
             f"{source} lacks {_first(missing)}; "

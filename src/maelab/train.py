@@ -126,7 +126,9 @@ def check_slurm_allocation(trainer_cfg: DictConfig) -> None:
             "sweep, or submit one sweep per allocation"
         )
     tasks = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # e.g. "8" or "8(x2)"
-    if tasks.isdigit() and int(tasks) != trainer_cfg.get("devices"):
+    devices = trainer_cfg.get("devices")
+    counted = isinstance(devices, int) and devices > 0  # -1 / auto: Lightning counts the node's GPUs itself
+    if tasks.isdigit() and counted and int(tasks) != devices:
         raise UserError(
             f"trainer.devices={trainer_cfg.get('devices')}, but this SLURM job runs {tasks} task(s) per node "
             "(hydra.launcher.tasks_per_node, one per GPU). A sweep cannot vary the allocation: set trainer.devices "

@@ -13,7 +13,9 @@ class LastCheckpoint(L.Callback):
     def __init__(self, dirpath: str, every_n_epochs: int = 1):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_epochs = every_n_epochs
+        self.saved_step: int | None = None  # the global step of the last write (Preemption reads it)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             trainer.save_checkpoint(self.path, weights_only=False)  # all ranks take part; rank 0 writes
+            self.saved_step = trainer.global_step

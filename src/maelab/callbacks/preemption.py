@@ -30,6 +30,8 @@ from pathlib import Path
 
 import lightning as L
 
+from maelab.callbacks.last_checkpoint import LastCheckpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,7 @@ class Preemption(L.Callback):
         self.handover = None  # submitit's handler
         self.previous_sigterm = None
         self.saved = False
+        self.handed_over = False  # submitit's handler ran: the job ends to be requeued, not failed
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning's signal connector, which puts back at teardown the handlers it found
@@ -98,6 +101,8 @@ class Preemption(L.Callback):
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             # in the last epoch or after it: the final evaluation may not fit before the kill, so the
             # job is requeued now and the requeued one resumes at the end of training to evaluate
+            if not self.saved:  # arrived after this epoch's save point: the final state is not on disk yet
+                self._write(trainer)
             self._hand_over()
 
     def _restore_handlers(self) -> None:
@@ -124,9 +129,16 @@ class Preemption(L.Callback):
             self._save_if_signalled(trainer)
 
     def _save_if_signalled(self, trainer: L.Trainer) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
-            return
-        trainer.save_checkpoint(self.path, weights_only=False)  # every rank takes part
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            self._write(trainer)
+
+    def _write(self, trainer: L.Trainer) -> None:
+        written = any(  # LastCheckpoint wrote this very state moments ago: a second write only costs time
+            isinstance(c, LastCheckpoint) and c.path == self.path and c.saved_step == trainer.global_step
+            for c in trainer.callbacks
+        )
+        if not written:
+            trainer.save_checkpoint(self.path, weights_only=False)  # every rank takes part
         log.warning("saved %s at step %d; submitit requeues the job", self.path, trainer.global_step)
         self.saved = True
 
@@ -141,6 +153,7 @@ class Preemption(L.Callback):
 
     def _hand_over(self) -> None:
         frame = self.received[1] if self.received else None
+        self.handed_over = True
         if callable(self.handover):
             self.handover(submitit_signal(), frame)  # rank 0: requeue and exit; other ranks: returns
         raise SystemExit(0)

@@ -206,7 +206,17 @@ class ImageFolderDataModule(ShardedDataModule):
         return batch.images, batch.labels
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "skipped": dict(self.skipped)}  # a resumed run keeps counting them
+        # every rank's skipped files, so a resumed run keeps counting them (all ranks dump the
+        # checkpoint's state before rank 0 writes it, so the gather is collective)
+        skipped = dict(self.skipped)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            import torch.distributed as dist
+
+            per_rank = [None] * trainer.world_size
+            dist.all_gather_object(per_rank, skipped)
+            skipped = {path: why for rank in per_rank for path, why in rank.items()}
+        return {**super().state_dict(), "skipped": skipped}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

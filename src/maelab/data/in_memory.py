@@ -37,8 +37,10 @@ class _Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        i, epoch = key
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key if isinstance(key, tuple) else (key, None)  # a plain index from a sampler Lightning set
+        if epoch is None:
+            return self.transform(self.images[i]), int(self.labels[i])
         with sample_rng(self.seed, epoch, i):
             return self.transform(self.images[i]), int(self.labels[i])
 

@@ -69,12 +69,12 @@ def sample_rng(seed: int, epoch: int, index: int):
     them). A sample's crop then does not depend on which worker draws it or when: a run resumed
     mid-epoch redraws exactly the crops the interrupted one would have, and any ``num_workers``
     gives the same batches. In the main process (``num_workers=0``) the streams are put back."""
-    key = ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+    words = np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(4)  # 4 x uint32, no collisions
     in_worker = get_worker_info() is not None
     saved = None if in_worker else (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    torch.default_generator.manual_seed(key)
-    random.seed(key)
-    np.random.seed(key % 2**32)
+    torch.default_generator.manual_seed(int(words[0]) << 32 | int(words[1]))
+    random.seed(int(words[2]) << 32 | int(words[3]))
+    np.random.seed(words)
     try:
         yield
     finally:

@@ -81,8 +81,12 @@ class HOGTarget(nn.Module):
 
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(imgs.device.type, enabled=False):  # bf16 gradients would move votes between bins
+            return self._hog(imgs.float())
+
+    def _hog(self, imgs: torch.Tensor) -> torch.Tensor:
         N, C, H, W = imgs.shape
-        x = F.pad(imgs.float(), (1, 1, 1, 1), mode="reflect")
+        x = F.pad(imgs, (1, 1, 1, 1), mode="reflect")
         grad = F.conv2d(x, self.kernels, groups=C).view(N, C, 2, H, W)
         gx, gy = grad[:, :, 0], grad[:, :, 1]
         magnitude = torch.hypot(gx, gy)
@@ -123,6 +127,7 @@ class PCATarget(nn.Module):
         self.register_buffer("components", torch.zeros(dim, k))  # orthonormal columns
         self.register_buffer("scale", torch.ones(k))  # per-component std when whitening, else 1
         self.register_buffer("fitted", torch.tensor(False))
+        self.ready = False  # fitted, kept on the host: checking the buffer would sync every step
 
     @torch.no_grad()
     def fit(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -142,11 +147,18 @@ class PCATarget(nn.Module):
         std = eigenvalues[-self.out_dim :].flip(-1).clamp_min(1e-12).sqrt().float()
         self.scale.copy_(std if self.whiten else torch.ones_like(std))
         self.fitted.fill_(True)
+        self.ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.ready = bool(self.fitted)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        if not self.fitted:
+        if not self.ready:
             raise RuntimeError("PCATarget.fit(images) must run before the first step (PretrainModule does it)")
-        return (patchify(imgs.float(), self.patch_size) - self.mean) @ self.components / self.scale  # (N, L, k)
+        with torch.autocast(imgs.device.type, enabled=False):  # the target in full precision
+            return (patchify(imgs.float(), self.patch_size) - self.mean) @ self.components / self.scale  # (N, L, k)
 
     def to_pixels(self, pred: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
-        return (pred * self.scale) @ self.components.T + self.mean
+        with torch.autocast(pred.device.type, enabled=False):
+            return (pred.float() * self.scale) @ self.components.T + self.mean

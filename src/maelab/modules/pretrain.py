@@ -66,20 +66,30 @@ class PretrainModule(L.LightningModule):
             load_full(self.model, self.hparams.init_from)
 
     def on_fit_start(self) -> None:
-        """A target estimated from data (PCA) is fitted once, on the evaluation view of training
-        images evenly spread over the split, and broadcast from rank 0 so all ranks agree. A
+        """A target estimated from data (PCA) is fitted once, by rank 0, on the evaluation view
+        of training images evenly spread over the split, and broadcast so all ranks agree. A
         resumed run has it from its checkpoint."""
         target = self.model.target
-        if not hasattr(target, "fit") or bool(target.fitted):
+        if not hasattr(target, "fit") or target.ready:
             return
-        L = self.model.patch_embed.num_patches
-        images, _ = self.trainer.datamodule.preview_images(-(-target.num_patches // L), split="train")
-        target.fit(self.preprocess(images.to(self.device), train=False), torch.Generator().manual_seed(0))
-        for buffer in target.buffers():
-            buffer.copy_(self.trainer.strategy.broadcast(buffer))
-        log.info(
-            "target %s: %d components fitted on %d training images", type(target).__name__, target.out_dim, len(images)
-        )
+        if self.trainer.is_global_zero:
+            L = self.model.patch_embed.num_patches
+            images, _ = self.trainer.datamodule.preview_images(-(-target.num_patches // L), split="train")
+            target.fit(self.preprocess(images.to(self.device), train=False), torch.Generator().manual_seed(0))
+            log.info(
+                "target %s: %d components fitted on %d training images",
+                type(target).__name__,
+                target.out_dim,
+                len(images),
+            )
+        if self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            for buffer in target.buffers():
+                sent = buffer.float()  # bool does not travel on every backend
+                dist.broadcast(sent, src=0)
+                buffer.copy_(sent.to(buffer.dtype))
+            target.ready = True
 
     def preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device -> normalised float (N, 3, img_size, img_size)."""
