@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "pretrain, fine-tune or probe: a Hydra app (maelab train --help lists its config groups)",
     "export": "write a checkpoint's encoder as a timm VisionTransformer state dict (maelab export --help)",
     "sweep-report": "tabulate and plot a sweep's results: markdown, CSV and PNG (maelab sweep-report --help)",
+    "bench": "time full training steps on this device: img/s, memory, FLOPs, utilisation (maelab bench --help)",
     "visualize": "draw masked | reconstruction | original for a pretraining checkpoint (maelab visualize --help)",
 }
 
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         from maelab.export import main as export_main
 
         return export_main(parsed.args)
+    elif parsed.command == "bench":
+        from maelab.bench import main as bench_main
+
+        return bench_main(parsed.args)
     elif parsed.command == "visualize":
         from maelab.visualize import main as visualize_main
 
