@@ -68,3 +68,11 @@ def test_the_hf_reference_has_the_same_sizes_and_is_timed_alongside(tmp_path):
     result = json.loads(done.stdout)
     assert result["hf"]["img_per_s"] > 0
     assert result["speedup_vs_hf"] == pytest.approx(result["img_per_s"] / result["hf"]["img_per_s"], rel=0.02)
+
+
+def test_a_mistyped_override_ends_with_hydra_s_message_alone(tmp_path):
+    done = maelab("bench", "+experiment=quickstart", "task.mask_ratioo=0.5", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: Could not override 'task.mask_ratioo'") and "Traceback" not in done.stderr
+    done = maelab("bench", "+experiment=finetune_vitb", cwd=tmp_path)
+    assert done.returncode == 2 and "is not a pretraining task" in done.stderr

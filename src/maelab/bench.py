@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+from hydra.errors import HydraException
 
 from maelab.errors import UserError
 
@@ -192,7 +193,7 @@ def main(argv: list[str]) -> int:
             result["hf"] = hf
             if "img_per_s" in hf:
                 result["speedup_vs_hf"] = round(result["img_per_s"] / hf["img_per_s"], 2)
-    except UserError as e:
+    except (UserError, HydraException) as e:  # a bad override or experiment name: Hydra's message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))
