@@ -3,6 +3,7 @@
 import json
 
 import nbformat
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -72,3 +73,13 @@ def test_the_notebook_runs_headless_on_a_checkpoint(checkpoint, tmp_path, monkey
     assert len(figures) == 2  # the ratio figure and the strategy figure
     printed = json.dumps([o.get("text", "") for o in outputs])
     assert "checkpoint:" in printed and "64 patches of 4 px" in printed
+
+
+def test_visualize_draws_cifar10_test_images(checkpoint, cifar10_root, tmp_path):
+    out = tmp_path / "cifar.png"
+    assert main(["visualize", str(checkpoint), "--images", "cifar10", "--num-images", "2", "--out", str(out)]) == 0
+    picture = Image.open(out).convert("RGB")
+    assert picture.size == (3 * (32 * 3 + 2) + 2, 2 * (32 * 3 + 2) + 2 + 14)
+    original = np.asarray(picture.crop((2 + 2 * 98, 14 + 2, 2 + 2 * 98 + 96, 14 + 2 + 96)))[::3, ::3]  # row 1
+    first = sorted((cifar10_root / "test" / "airplane").iterdir())[0]  # the first test image, class by class
+    assert np.abs(original.astype(int) - np.asarray(Image.open(first).convert("RGB")).astype(int)).max() <= 1

@@ -42,7 +42,9 @@ def load_images(source: str, n: int, size: int) -> torch.Tensor:
         from maelab.data.cifar10 import CIFAR10DataModule
 
         root = os.environ.get("MAELAB_CIFAR10", "data/cifar10")
-        dm = CIFAR10DataModule(root=root, download=False, img_size=size, num_classes=10, batch_size=1)
+        dm = CIFAR10DataModule(  # mean and std do not touch the uint8 images it hands out
+            root=root, download=False, img_size=size, num_classes=10, batch_size=1, mean=[0.5] * 3, std=[0.5] * 3
+        )
         return dm.preview_images(n, split="test")[0]
     folder = Path(source)
     if not folder.is_dir():
