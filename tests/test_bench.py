@@ -76,3 +76,48 @@ def test_a_mistyped_override_ends_with_hydra_s_message_alone(tmp_path):
     assert done.stderr.startswith("error: Could not override 'task.mask_ratioo'") and "Traceback" not in done.stderr
     done = maelab("bench", "+experiment=finetune_vitb", cwd=tmp_path)
     assert done.returncode == 2 and "is not a pretraining task" in done.stderr
+
+
+def _weights(results) -> dict:
+    return torch.load(results["last_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_a_compiled_training_run_matches_the_eager_one(tmp_path, monkeypatch, caplog):
+    import torch._inductor.config
+
+    from maelab.train import run
+    from tests.conftest import TINY, compose_config
+
+    # inductor draws its own random numbers (the masks) unless told to call torch's: with the same
+    # draws, a compiled run must follow the eager one up to float rounding
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+
+    common = TINY + ["trainer.max_epochs=1", "callbacks.knn_monitor=null"]
+    eager = run(compose_config(common, tmp_path / "eager"))
+    compiled = run(compose_config(common + ["task.compile=true"], tmp_path / "compiled"))
+    a, b = _weights(eager), _weights(compiled)
+    assert a.keys() == b.keys()  # the compiled wrapper leaves the checkpoint's names alone
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4), key
+    assert compiled["last"]["train/loss"] == pytest.approx(eager["last"]["train/loss"], abs=1e-4)
+    assert "torch.compile failed" not in caplog.text  # it did run compiled
+
+
+def test_where_compilation_fails_training_goes_on_eagerly_and_says_why(tmp_path, monkeypatch, caplog):
+    from maelab.train import run
+    from tests.conftest import TINY, compose_config
+
+    def broken_compile(model, **kwargs):
+        def fails(*args, **kw):
+            raise RuntimeError("inductor: no working C++ compiler")
+
+        return fails
+
+    common = TINY + ["trainer.max_epochs=1", "callbacks.knn_monitor=null"]
+    eager = run(compose_config(common, tmp_path / "eager"))
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fallback = run(compose_config(common + ["task.compile=true"], tmp_path / "fallback"))
+    assert "torch.compile failed (RuntimeError: inductor: no working C++ compiler); training eagerly" in caplog.text
+    a, b = _weights(eager), _weights(fallback)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -37,6 +37,7 @@ class PretrainModule(L.LightningModule):
         warmup_epochs: float = 40,
         effective_batch_size: int | None = None,  # a recipe value; the run derives accumulation from it
         init_from: str | None = None,  # start from a pretraining checkpoint (maelab or official MAE)
+        compile: bool = False,  # torch.compile the training forward (measure with maelab bench first)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -95,9 +96,27 @@ class PretrainModule(L.LightningModule):
         """uint8 (N, 3, H, W) on the device -> normalised float (N, 3, img_size, img_size)."""
         return model_input(images, self.mean, self.std, self.img_size, self.augment if train else None)
 
+    def training_forward(self, x: torch.Tensor):
+        """The model, compiled with ``compile=true``. The compiled wrapper is kept outside the
+        module's children, so checkpoints keep the plain parameter names; where compilation is
+        unavailable the first step says why and the run goes on eagerly."""
+        if not self.hparams.compile:
+            return self.model(x, self.mask_ratio)
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None:
+            compiled = self.__dict__["_compiled"] = torch.compile(self.model)
+        if compiled is self.model:
+            return self.model(x, self.mask_ratio)
+        try:
+            return compiled(x, self.mask_ratio)
+        except Exception as e:  # noqa: BLE001  (no compiler, or an unsupported op: eager is correct, only slower)
+            log.warning("task.compile=true: torch.compile failed (%s: %s); training eagerly", type(e).__name__, e)
+            self.__dict__["_compiled"] = self.model
+            return self.model(x, self.mask_ratio)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, _ = batch
-        loss, _, _ = self.model(self.preprocess(images, train=True), self.mask_ratio)
+        loss, _, _ = self.training_forward(self.preprocess(images, train=True))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
