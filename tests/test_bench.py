@@ -75,7 +75,9 @@ def test_a_mistyped_override_ends_with_hydra_s_message_alone(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: Could not override 'task.mask_ratioo'") and "Traceback" not in done.stderr
     done = maelab("bench", "+experiment=finetune_vitb", cwd=tmp_path)
-    assert done.returncode == 2 and "is not a pretraining task" in done.stderr
+    assert (
+        done.returncode == 2 and "ClassifierModule is not pretraining; choose a pretraining experiment" in done.stderr
+    )
 
 
 def _weights(results) -> dict:

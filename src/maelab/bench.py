@@ -87,8 +87,11 @@ def build_module(overrides: list[str]):
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    if not get_class(cfg.task._target_).__name__ == "PretrainModule":
-        raise UserError(f"maelab bench times pretraining; task {cfg.task._target_} is not a pretraining task")
+    if get_class(cfg.task._target_).__name__ != "PretrainModule":
+        raise UserError(
+            f"maelab bench times pretraining steps, and task {cfg.task._target_} is not pretraining; "
+            "choose a pretraining experiment (+experiment=mae_vitb|mae_vitl|mae_vith|mae_vitt_cifar10|quickstart)"
+        )
     module = instantiate(
         cfg.task,
         model=cfg.model,

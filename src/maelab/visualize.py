@@ -15,6 +15,11 @@ from torchvision.utils import make_grid
 from maelab.errors import UserError
 
 TITLE_HEIGHT = 14
+MASKINGS = {  # --masking choices; "model" keeps the checkpoint's own strategy
+    "random": "maelab.models.masking.RandomMasking",
+    "block": "maelab.models.masking.BlockMasking",
+    "grid": "maelab.models.masking.GridMasking",
+}
 
 
 def load_pretrain_module(ckpt: str):
@@ -86,13 +91,6 @@ def figure(module, images: torch.Tensor, mask_ratios: list[float], maskings: lis
     if scale > 1:
         cells = torch.nn.functional.interpolate(cells, scale_factor=scale, mode="nearest")
     return make_grid(cells, nrow=len(columns), padding=2, pad_value=1.0), titles
-
-
-MASKINGS = {
-    "random": "maelab.models.masking.RandomMasking",
-    "block": "maelab.models.masking.BlockMasking",
-    "grid": "maelab.models.masking.GridMasking",
-}
 
 
 def save_with_titles(grid: torch.Tensor, titles: list[str], out: str) -> None:
