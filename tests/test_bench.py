@@ -84,25 +84,35 @@ def _weights(results) -> dict:
     return torch.load(results["last_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_a_compiled_training_run_matches_the_eager_one(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_a_compiled_training_run_matches_the_eager_one(task, tmp_path, monkeypatch, caplog):
     import torch._inductor.config
 
     from maelab.train import run
     from tests.conftest import TINY, compose_config
+    from tests.test_classifier import TINY_CLASSIFIER
 
-    # inductor draws its own random numbers (the masks) unless told to call torch's: with the same
-    # draws, a compiled run must follow the eager one up to float rounding
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-
-    common = TINY + ["trainer.max_epochs=1", "callbacks.knn_monitor=null"]
+    # inductor draws its own random numbers (masks, drop path) unless told to call torch's: with
+    # the same draws, a compiled run must follow the eager one up to float rounding
+    if task == "pretrain":
+        common = TINY + ["trainer.max_epochs=1", "callbacks.knn_monitor=null"]
+    else:  # the fine-tuning module from random weights, with mixup/cutmix and drop path on
+        common = ["+experiment=scratch_vitt_cifar10", *TINY_CLASSIFIER, "augment=none", "trainer.max_epochs=1"]
+    compiled_models = []
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: compiled_models.append(model) or real_compile(model, **kw)
+    )
     eager = run(compose_config(common, tmp_path / "eager"))
-    compiled = run(compose_config(common + ["task.compile=true"], tmp_path / "compiled"))
+    assert compiled_models == []
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = run(compose_config(common + ["task.compile=true"], tmp_path / "compiled"))
     a, b = _weights(eager), _weights(compiled)
     assert a.keys() == b.keys()  # the compiled wrapper leaves the checkpoint's names alone
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4), key
     assert compiled["last"]["train/loss"] == pytest.approx(eager["last"]["train/loss"], abs=1e-4)
-    assert "torch.compile failed" not in caplog.text  # it did run compiled
+    assert len(compiled_models) == 1 and "torch.compile failed" not in caplog.text  # it did run compiled
 
 
 def test_where_compilation_fails_training_goes_on_eagerly_and_says_why(tmp_path, monkeypatch, caplog):

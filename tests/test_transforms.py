@@ -2,7 +2,7 @@
 
 import torch
 
-from maelab.data.transforms import RandomResizedCropFlip, denormalize, normalize, resized_crops
+from maelab.data.transforms import PadCropFlip, RandomResizedCropFlip, denormalize, normalize, resized_crops
 
 
 def test_full_box_without_flip_is_the_identity_and_flip_mirrors():
@@ -50,3 +50,31 @@ def test_augment_output_shape_and_normalisation_round_trip():
     assert torch.allclose(denormalize(x, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]) * 255, imgs.float(), atol=1e-3)
     out = RandomResizedCropFlip(24)(x)
     assert out.shape == (8, 3, 24, 24) and out.dtype == torch.float32
+
+
+def test_pad_crop_flip_takes_windows_of_the_reflect_padded_image_and_mirrors_half():
+    import torch.nn.functional as F
+
+    imgs = torch.randn(512, 3, 8, 8)
+    out = PadCropFlip(8, padding=2)(imgs, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (512, 3, 8, 8)
+    padded = F.pad(imgs, (2, 2, 2, 2), mode="reflect")
+    offsets, flips = set(), 0
+    for i in range(len(imgs)):  # each output is exactly one window, possibly mirrored
+        found = [
+            (t, l, f)
+            for t in range(5)
+            for l in range(5)
+            for f in (False, True)
+            if torch.equal(out[i], (lambda w: w.flip(-1) if f else w)(padded[i, :, t : t + 8, l : l + 8]))
+        ]
+        assert len(found) == 1, i
+        offsets.add(found[0][:2])
+        flips += found[0][2]
+    assert len(offsets) == 25  # all 5 x 5 translations occur
+    assert 200 < flips < 312  # about half are mirrored
+
+
+def test_pad_crop_flip_without_padding_or_flip_is_the_identity():
+    imgs = torch.randn(4, 3, 8, 8)
+    assert torch.equal(PadCropFlip(8, padding=0, hflip=False)(imgs), imgs)

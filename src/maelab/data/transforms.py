@@ -140,3 +140,51 @@ class RandomResizedCropFlip:
         if self.hflip:
             flip = torch.rand(N, device=imgs.device, generator=generator) < 0.5
         return resized_crops(imgs, boxes, self.size, flip, self.interpolation)
+
+
+class PadCropFlip:
+    """The standard CIFAR augmentation, batched: pad by ``padding`` pixels (reflect), crop a
+    random size x size window, mirror half of the images. One gather for the whole batch: every
+    image's rows and columns are indexed at once, a flip being columns read backwards."""
+
+    def __init__(self, size: int, padding: int = 4, hflip: bool = True, padding_mode: str = "reflect"):
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0 pixels, got {padding}")
+        if padding_mode not in ("reflect", "replicate", "constant"):
+            raise ValueError(f"padding_mode must be reflect, replicate or constant, got {padding_mode!r}")
+        self.size, self.padding, self.hflip, self.padding_mode = size, padding, hflip, padding_mode
+
+    def per_image(self):
+        """The same for one PIL image at a time, in DataLoader workers: resize, then torchvision's
+        RandomCrop with padding + flip -> uint8 (3, size, size)."""
+        from torchvision import transforms as T
+
+        mode = "edge" if self.padding_mode == "replicate" else self.padding_mode
+        steps = [T.Resize(self.size), T.CenterCrop(self.size), T.RandomCrop(self.size, self.padding, padding_mode=mode)]
+        if self.hflip:
+            steps.append(T.RandomHorizontalFlip())
+        return T.Compose([*steps, T.PILToTensor()])
+
+    def __call__(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """imgs: (N, C, H, W) float -> (N, C, size, size)."""
+        N, _, H, W = imgs.shape
+        if H != W:
+            raise ValueError(f"PadCropFlip takes square images, got {H}x{W}; use rrc_flip for other shapes")
+        if H != self.size:
+            imgs = F.interpolate(imgs, size=(self.size, self.size), mode="bicubic", antialias=True)
+        p, s, dev = self.padding, self.size, imgs.device
+        if self.padding_mode == "constant":
+            padded = F.pad(imgs, (p, p, p, p))
+        else:
+            padded = F.pad(imgs, (p, p, p, p), mode=self.padding_mode)
+        top = torch.randint(0, 2 * p + 1, (N, 1), device=dev, generator=generator)
+        left = torch.randint(0, 2 * p + 1, (N, 1), device=dev, generator=generator)
+        steps = torch.arange(s, device=dev)
+        rows = top + steps  # (N, s)
+        cols = left + steps
+        if self.hflip:
+            flip = torch.rand(N, 1, device=dev, generator=generator) < 0.5
+            cols = torch.where(flip, cols.flip(1), cols)
+        n = torch.arange(N, device=dev)[:, None, None]
+        crops = padded.permute(0, 2, 3, 1)[n, rows[:, :, None], cols[:, None, :]]  # (N, s, s, C)
+        return crops.permute(0, 3, 1, 2).contiguous()

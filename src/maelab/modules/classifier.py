@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from maelab.data.transforms import model_input
 from maelab.errors import UserError
 from maelab.models.classifier import ViTClassifier
+from maelab.modules.compiling import compiled_call
 from maelab.modules.optim import adamw_warmup_cosine, lars_warmup_cosine, param_groups_layer_decay
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class ClassifierModule(L.LightningModule):
         cutmix: float = 0.0,
         label_smoothing: float = 0.0,
         effective_batch_size: int | None = None,  # a recipe value; the run derives accumulation from it
+        compile: bool = False,  # torch.compile the training forward (measure with maelab bench first)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -117,14 +119,18 @@ class ClassifierModule(L.LightningModule):
             module.eval()
         return self
 
+    def training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a training batch; compiled with ``compile=true`` (modules/compiling.py)."""
+        return compiled_call(self, self.model, self.hparams.compile, x)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         x = model_input(images, self.mean, self.std, self.img_size, self.augment)
         if self.mixup is not None:
             x, soft = self.mixup(x, labels)  # soft targets, label smoothing included
-            loss = torch.sum(-soft * F.log_softmax(self.model(x), dim=-1), dim=-1).mean()
+            loss = torch.sum(-soft * F.log_softmax(self.training_forward(x), dim=-1), dim=-1).mean()
         else:
-            loss = F.cross_entropy(self.model(x), labels, label_smoothing=self.hparams.label_smoothing)
+            loss = F.cross_entropy(self.training_forward(x), labels, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[-1])  # the head's: unscaled
         return loss

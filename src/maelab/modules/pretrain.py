@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 
 from maelab.data.transforms import model_input
 from maelab.models.mae import MaskedAutoencoder
+from maelab.modules.compiling import compiled_call
 from maelab.modules.optim import adamw_warmup_cosine, param_groups_weight_decay
 
 log = logging.getLogger(__name__)
@@ -97,22 +98,8 @@ class PretrainModule(L.LightningModule):
         return model_input(images, self.mean, self.std, self.img_size, self.augment if train else None)
 
     def training_forward(self, x: torch.Tensor):
-        """The model, compiled with ``compile=true``. The compiled wrapper is kept outside the
-        module's children, so checkpoints keep the plain parameter names; where compilation is
-        unavailable the first step says why and the run goes on eagerly."""
-        if not self.hparams.compile:
-            return self.model(x, self.mask_ratio)
-        compiled = self.__dict__.get("_compiled")
-        if compiled is None:
-            compiled = self.__dict__["_compiled"] = torch.compile(self.model)
-        if compiled is self.model:
-            return self.model(x, self.mask_ratio)
-        try:
-            return compiled(x, self.mask_ratio)
-        except Exception as e:  # noqa: BLE001  (no compiler, or an unsupported op: eager is correct, only slower)
-            log.warning("task.compile=true: torch.compile failed (%s: %s); training eagerly", type(e).__name__, e)
-            self.__dict__["_compiled"] = self.model
-            return self.model(x, self.mask_ratio)
+        """The model on a training batch; compiled with ``compile=true`` (modules/compiling.py)."""
+        return compiled_call(self, self.model, self.hparams.compile, x, self.mask_ratio)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, _ = batch
