@@ -172,6 +172,22 @@ def test_run_writes_results_metrics_and_reconstructions(tmp_path):
     assert results["config"]["model"]["embed_dim"] == 32
 
 
+def test_elapsed_time_adds_up_over_the_jobs_of_a_resumed_run(tmp_path, monkeypatch):
+    import time
+
+    import maelab
+
+    first = run(compose_config(TINY + ["trainer.max_epochs=1"], tmp_path))
+    assert 0 < first["wall_clock_s"] <= first["elapsed_s"]  # fit alone, then the whole job
+    counted = torch.load(first["last_checkpoint"], weights_only=False)["callbacks"]["ElapsedTime"]["elapsed_s"]
+    # a second job, as if its process had started 100 s ago, carries the first job's time on
+    monkeypatch.setattr(maelab, "PROCESS_START", time.monotonic() - 100)
+    start = time.monotonic()
+    second = run(compose_config(TINY + ["trainer.max_epochs=2", "ckpt_path=last"], tmp_path))
+    own = 100 + time.monotonic() - start
+    assert counted + 100 < second["elapsed_s"] <= counted + own + 0.01
+
+
 def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
     results = run(compose_config(TINY + ["trainer.max_epochs=1"], tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"

@@ -142,6 +142,7 @@ def build(cfg: DictConfig):
     from hydra.utils import get_class, instantiate
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
+    from maelab.callbacks.elapsed import ElapsedTime
     from maelab.callbacks.metric_history import MetricHistory
     from maelab.callbacks.preemption import Preemption
     from maelab.callbacks.seeding import RandomState
@@ -173,6 +174,7 @@ def build(cfg: DictConfig):
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(RandomState(cfg.seed))  # not optional: per-rank streams, exact resumption
     callbacks.append(MetricHistory())  # results.json's best and last
+    callbacks.append(ElapsedTime())  # results.json's elapsed_s, over every job of the run
     callbacks.append(Preemption(Path(cfg.paths.output_dir) / "checkpoints"))  # saves, then submitit requeues
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     if SLURMEnvironment.detect():
@@ -212,6 +214,7 @@ def run(cfg: DictConfig) -> dict:
 
     register_resolvers()
     validate(cfg)  # before the heavy imports: a bad value fails in a second
+    from maelab.callbacks.elapsed import ElapsedTime
     from maelab.callbacks.metric_history import MetricHistory
     from maelab.callbacks.throughput import Throughput
     from maelab.loggers import finish_loggers
@@ -250,6 +253,7 @@ def run(cfg: DictConfig) -> dict:
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     history = next(c for c in trainer.callbacks if isinstance(c, MetricHistory))
+    elapsed = next(c for c in trainer.callbacks if isinstance(c, ElapsedTime))
     monitor, mode = getattr(module, "monitor", ("val/loss", "min"))
     results = {
         "name": cfg.name,
@@ -268,7 +272,10 @@ def run(cfg: DictConfig) -> dict:
         "test": test,  # the final weights on the test split, when it is not the validation split
         "skipped_images": skipped,  # unreadable files dropped under data.skip_bad_images, all ranks
         "train/img_per_s": throughput.steady_state if throughput else None,
-        "wall_clock_s": round(wall_clock, 2),
+        "wall_clock_s": round(wall_clock, 2),  # trainer.fit of this job alone
+        # process start to these results (imports, data, compilation, the test pass included),
+        # summed over every job that resumed this run
+        "elapsed_s": round(elapsed.elapsed(), 2),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:

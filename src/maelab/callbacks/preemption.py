@@ -16,6 +16,10 @@ handler runs: on rank 0 it requeues the job and exits, on the other ranks it doe
 rank exits. A signal in the last epoch requeues the job after training, so that the final
 evaluation runs in the next job instead of being cut off.
 
+Outside submitit a SIGTERM (``timeout``, ``kill``, a pipeline passing one on) is handled the same
+way up to the save; the run then stops with exit status 143 instead of requeueing, and
+``ckpt_path=last`` resumes it exactly.
+
 The requeued job (the same submitit job id, recorded in ``checkpoints/submitit_job``) resumes
 from ``last.ckpt``, even when its command names another ``ckpt_path``: that was where the first
 attempt started. Another job that finds a ``last.ckpt`` it did not write is refused, as outside
@@ -70,7 +74,8 @@ class Preemption(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
         self.check_every_n_steps = check_every_n_steps  # >1: fewer cross-rank checks on fast steps
         self.received: tuple[int, object] | None = None
-        self.active = False
+        self.active = False  # listening for the signals, from the start of training to its end
+        self.submitit = False
         self.handover = None  # submitit's handler
         self.previous_sigterm = None
         self.saved = False
@@ -78,8 +83,13 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning's signal connector, which puts back at teardown the handlers it found
-        self.active = under_submitit()  # the same on every rank: all of them join the step check
-        if not self.active:
+        self.active = True
+        self.submitit = under_submitit()  # the same on every rank: all of them join the step check
+        self.previous_sigterm = signal.getsignal(signal.SIGTERM)
+        # SLURM sends SIGTERM first on a preemption, `timeout` and `kill` send it alone; Lightning's
+        # own handler would stop the run without saving (or requeueing)
+        signal.signal(signal.SIGTERM, self._note)
+        if not self.submitit:
             return
         job = submitit_job_id()
         if trainer.is_global_zero and job is not None:  # lets a requeue of this job, and only it, resume
@@ -87,11 +97,7 @@ class Preemption(L.Callback):
             (self.path.parent / OWNER_FILE).write_text(job + "\n")
         signum = submitit_signal()
         self.handover = signal.getsignal(signum)
-        self.previous_sigterm = signal.getsignal(signal.SIGTERM)
         signal.signal(signum, self._note)
-        # SLURM sends SIGTERM first on a preemption; Lightning's own SIGTERM handler would stop
-        # the run without saving or requeueing
-        signal.signal(signal.SIGTERM, self._note)
         log.info("%s from submitit: last.ckpt is saved at the next step, then submitit requeues", signum.name)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -107,8 +113,9 @@ class Preemption(L.Callback):
 
     def _restore_handlers(self) -> None:
         self.active = False
-        signal.signal(submitit_signal(), self.handover)
         signal.signal(signal.SIGTERM, self.previous_sigterm)
+        if self.submitit:
+            signal.signal(submitit_signal(), self.handover)
 
     def _note(self, signum: int, frame) -> None:
         if self.received is None:
@@ -118,7 +125,7 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         # Lightning resumes exactly from checkpoints written here, at the end of a batch
         if not self.active or (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return  # not under submitit, or mid-accumulation (gradients are not in checkpoints)
+            return  # outside training, or mid-accumulation (gradients are not in checkpoints)
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch's last step: its validation and epoch-end hooks run first (on_train_epoch_end)
         if trainer.global_step % self.check_every_n_steps == 0:
@@ -139,7 +146,8 @@ class Preemption(L.Callback):
         )
         if not written:
             trainer.save_checkpoint(self.path, weights_only=False)  # every rank takes part
-        log.warning("saved %s at step %d; submitit requeues the job", self.path, trainer.global_step)
+        then = "submitit requeues the job" if self.submitit else "stopping; resume with ckpt_path=last"
+        log.warning("saved %s at step %d; %s", self.path, trainer.global_step, then)
         self.saved = True
 
     # The hand-over waits for whichever comes next, so that this batch's metrics are logged first.
@@ -152,7 +160,9 @@ class Preemption(L.Callback):
         self.on_train_batch_start(trainer, pl_module, None, 0)
 
     def _hand_over(self) -> None:
-        frame = self.received[1] if self.received else None
+        signum, frame = self.received or (submitit_signal(), None)
+        if not self.submitit:  # a plain SIGTERM: the run stops, as the sender asked, with its state saved
+            raise SystemExit(128 + signum)
         self.handed_over = True
         if callable(self.handover):
             self.handover(submitit_signal(), frame)  # rank 0: requeue and exit; other ranks: returns
