@@ -82,10 +82,11 @@ def task_function(cfg: "DictConfig") -> None:
     from hydra.errors import InstantiationException
     from omegaconf.errors import InterpolationResolutionError
 
+    from maelab.pipeline import run_pipeline
     from maelab.train import run
 
     try:
-        run(cfg)
+        run_pipeline(cfg) if cfg.get("stages") else run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
