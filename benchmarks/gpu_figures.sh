@@ -15,7 +15,7 @@ case $part in
 bench)  # bf16, compiled, per-device batch 256 (the CIFAR model: 4096), synthetic data of each shape
   maelab bench +experiment=mae_vitb data.batch_size=256 --steps 40 --warmup 15 --compare hf | tee -a "$results/bench.jsonl"
   maelab bench +experiment=mae_vitl data.batch_size=256 --steps 30 --warmup 10 | tee -a "$results/bench.jsonl"
-  maelab bench +experiment=mae_vitt_cifar10 data.batch_size=4096 --steps 40 --warmup 15 | tee -a "$results/bench.jsonl"
+  maelab bench +experiment=mae_vitt_cifar10 augment=rrc_flip data.batch_size=4096 --steps 40 --warmup 15 | tee -a "$results/bench.jsonl"
   ;;
 fast)
   maelab train +experiment=cifar10_fast trainer=gpu hydra.run.dir="$results/cifar10_fast"

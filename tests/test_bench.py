@@ -32,6 +32,11 @@ def test_bench_prints_one_json_object_with_consistent_figures(tmp_path):
     [line] = done.stdout.strip().splitlines()
     result = json.loads(line)
     assert result["experiment"] == "quickstart" and result["device"].startswith("cpu")
+    assert (result["augment"], result["target"], result["masking"]) == (
+        "RandomResizedCropFlip",
+        "NormPixelTarget",
+        "RandomMasking",
+    )
     assert result["batch"] == 8 and result["compiled"] is False and result["precision"] == "32-true"
     assert result["img_per_s"] == pytest.approx(8 / (result["step_ms"] / 1e3), rel=0.02)
     module, _, _, _ = build_module(SMALL)

@@ -36,14 +36,23 @@ TINY_PIPELINE = [
     "trainer.accelerator=cpu",
     "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1",
-    'stages.pretrain.overrides=["task.decoder_width=48","task.decoder_depth=1","task.base_lr=1.5e-3"]',
-    'stages.finetune.overrides=["task.base_lr=2e-3","task.mixup=0","task.cutmix=0"]',
 ]
+PRETRAIN = ["task.decoder_width=48", "task.decoder_depth=1", "task.base_lr=1.5e-3"]
+FINETUNE = ["task.base_lr=2e-3", "task.mixup=0", "task.cutmix=0"]
+
+
+def stage_lists(pretrain: list[str], finetune: list[str]) -> list[str]:
+    """The stages' own override lists, as command-line overrides."""
+    return [
+        f"stages.{name}.overrides=[{','.join(repr(o) for o in lst)}]"
+        for name, lst in (("pretrain", pretrain), ("finetune", finetune))
+    ]
 
 
 def test_a_pipeline_pretrains_then_fine_tunes_from_that_checkpoint_and_reports_time_and_accuracy(tmp_path):
     start = time.monotonic()
-    done = maelab("train", *TINY_PIPELINE, "trainer.max_epochs=8", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    stages = stage_lists(PRETRAIN + ["trainer.max_epochs=3"], FINETUNE)
+    done = maelab("train", *TINY_PIPELINE, *stages, "trainer.max_epochs=8", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     took = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -57,7 +66,7 @@ def test_a_pipeline_pretrains_then_fine_tunes_from_that_checkpoint_and_reports_t
         == str(tmp_path / "pretrain/checkpoints/last.ckpt")
     )
     assert "loaded the encoder" in (tmp_path / "finetune" / "train.log").read_text()
-    # command-line overrides reached both stages, a stage's own only that stage
+    # command-line overrides reached both stages, after (over) a stage's own; those reached one stage
     assert pre["epochs"] == fine["epochs"] == 8
     assert pre["config"]["task"]["decoder_width"] == 48 and fine["config"]["augment"]["_target_"].endswith(
         "PadCropFlip"
@@ -73,13 +82,8 @@ def test_a_pipeline_pretrains_then_fine_tunes_from_that_checkpoint_and_reports_t
 
 def test_a_killed_pipeline_resumes_its_unfinished_stage_and_keeps_the_finished_one(tmp_path):
     run_dir = tmp_path / "run"
-    args = [
-        *TINY_PIPELINE,
-        "trainer.max_epochs=4",
-        "callbacks.last_checkpoint.every_n_epochs=1",
-        f"hydra.run.dir={run_dir}",
-    ]
-    args_killed = [*args, 'stages.finetune.overrides=["trainer.max_epochs=30"]']  # replaces the list
+    stages = stage_lists(PRETRAIN + ["trainer.max_epochs=4"], FINETUNE + ["trainer.max_epochs=30"])
+    args_killed = [*TINY_PIPELINE, *stages, "callbacks.last_checkpoint.every_n_epochs=1", f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen(
         [sys.executable, "-m", "maelab", "train", *args_killed],
         cwd=tmp_path,

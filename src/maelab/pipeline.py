@@ -6,7 +6,8 @@ checkpoints and results.json) that can also be started alone. A stage with ``pre
 fine-tunes from that earlier stage's ``checkpoints/last.ckpt``.
 
 The pipeline's own command-line overrides (``trainer=gpu``, ``data.root=...``, ``seed=1``) go to
-every stage; ``stages.NAME.overrides`` go to one. ``ckpt_path=last`` resumes: finished stages
+every stage, after the stage's own list (``stages.NAME.overrides``, part of the recipe): the
+command line has the last word, as anywhere in Hydra. ``ckpt_path=last`` resumes: finished stages
 (those with a results.json) are kept, the interrupted one continues from its ``last.ckpt``.
 
 A process per stage keeps the stages apart (Hydra's global state, compiled graphs, DDP process
@@ -68,8 +69,9 @@ def forwarded_overrides() -> list[str]:
 
 
 def stage_command(name: str, stage: DictConfig, stage_dir: Path, resume: bool, pretrained: Path | None) -> list[str]:
-    command = [sys.executable, "-m", "maelab", "train", f"+experiment={stage.experiment}", *forwarded_overrides()]
-    command += list(stage.get("overrides") or [])
+    # the recipe's stage overrides, then the command line's, which has the last word as in Hydra
+    command = [sys.executable, "-m", "maelab", "train", f"+experiment={stage.experiment}"]
+    command += [*(stage.get("overrides") or []), *forwarded_overrides()]
     if pretrained is not None:
         command.append(f"task.pretrained={pretrained}")
     command += [f"hydra.run.dir={stage_dir}", f"ckpt_path={'last' if resume else 'null'}"]
