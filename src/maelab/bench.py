@@ -183,8 +183,10 @@ def main(argv: list[str]) -> int:
     compile_model = device.type == "cuda" if args.compile is None else args.compile
     try:
         module, batch, img_size, cfg = build_module(args.overrides)
-        short = {k: (cfg.get(k) or {}).get("_target_", "none").rsplit(".", 1)[-1] for k in ("augment", "target", "masking")}
-        result = {"experiment": cfg.name, "device": device_name(device), **short}
+        parts = {
+            k: (cfg.get(k) or {}).get("_target_", "none").rsplit(".", 1)[-1] for k in ("augment", "target", "masking")
+        }
+        result = {"experiment": cfg.name, "device": device_name(device), **parts}
         result |= bench(module, batch, img_size, args.steps, args.warmup, compile_model, device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         peak = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
