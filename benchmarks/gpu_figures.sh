@@ -17,9 +17,10 @@ bench)  # bf16, compiled, per-device batch 256 (the CIFAR model: 4096), syntheti
   maelab bench +experiment=mae_vitl data.batch_size=256 --steps 30 --warmup 10 | tee -a "$results/bench.jsonl"
   maelab bench +experiment=mae_vitt_cifar10 augment=rrc_flip data.batch_size=4096 --steps 40 --warmup 15 | tee -a "$results/bench.jsonl"
   ;;
-fast)
-  maelab train +experiment=cifar10_fast trainer=gpu hydra.run.dir="$results/cifar10_fast"
-  cat "$results/cifar10_fast/results.json"
+fast)  # a new run directory each time
+  run="$results/cifar10_fast/$(date +%Y-%m-%d_%H-%M-%S)"
+  maelab train +experiment=cifar10_fast trainer=gpu hydra.run.dir="$run"
+  cat "$run/results.json"
   ;;
 best)  # resumable: a second command continues the stages from their last.ckpt
   resume=null

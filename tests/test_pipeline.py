@@ -3,16 +3,18 @@ the finetune stage reading the pretrain stage's checkpoint, timing and accuracy 
 resumption after a kill."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from maelab.errors import UserError
-from maelab.pipeline import check_stages
+from maelab.pipeline import check_stages, forwarded, resuming
 from tests.conftest import REPO, maelab
 
 # cifar10_fast shrunk to seconds: 4 classes of synthetic shapes (32 px, 16 patches), a 2-block
@@ -49,35 +51,52 @@ def stage_lists(pretrain: list[str], finetune: list[str]) -> list[str]:
     ]
 
 
-def test_a_pipeline_pretrains_then_fine_tunes_from_that_checkpoint_and_reports_time_and_accuracy(tmp_path):
-    start = time.monotonic()
+def test_a_pipeline_sweep_pretrains_then_fine_tunes_from_that_checkpoint_and_reports_time_and_accuracy(tmp_path):
+    sweep = tmp_path / "a,b"  # a comma: paths travel quoted to the stages
     stages = stage_lists(PRETRAIN + ["trainer.max_epochs=3"], FINETUNE)
-    done = maelab("train", *TINY_PIPELINE, *stages, "trainer.max_epochs=8", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    start = time.monotonic()
+    done = maelab(
+        "train",
+        "-m",
+        *TINY_PIPELINE,
+        *stages,
+        "trainer.max_epochs=8",
+        "seed=0,1",
+        f'hydra.sweep.dir="{sweep}"',
+        cwd=tmp_path,
+    )
     took = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    pre = json.loads((tmp_path / "pretrain" / "results.json").read_text())
-    fine = json.loads((tmp_path / "finetune" / "results.json").read_text())
-    # the stages are ordinary runs; the second starts from the first's final checkpoint
-    assert pre["task"] == "PretrainModule" and fine["task"] == "ClassifierModule"
-    assert (
-        fine["config"]["task"]["pretrained"]
-        == pre["last_checkpoint"]
-        == str(tmp_path / "pretrain/checkpoints/last.ckpt")
-    )
-    assert "loaded the encoder" in (tmp_path / "finetune" / "train.log").read_text()
-    # command-line overrides reached both stages, after (over) a stage's own; those reached one stage
-    assert pre["epochs"] == fine["epochs"] == 8
-    assert pre["config"]["task"]["decoder_width"] == 48 and fine["config"]["augment"]["_target_"].endswith(
-        "PadCropFlip"
-    )
-    # accuracy: the final weights on the test split (validated there once, at the end); chance is 0.25
-    assert results["acc1"] == fine["last"]["val/acc1"] and results["acc1"] > 0.33
-    assert fine["val_split"] == "test"
-    # time: the whole command, at least the stages' own (process start to results) summed
-    assert results["wall_clock_measured"] == "this command"
-    assert pre["elapsed_s"] + fine["elapsed_s"] == pytest.approx(results["stages_elapsed_s"], abs=0.02)
-    assert results["stages_elapsed_s"] < results["wall_clock_s"] < took
+    for job in ("0", "1"):
+        run_dir = sweep / job
+        results = json.loads((run_dir / "results.json").read_text())
+        pre = json.loads((run_dir / "pretrain" / "results.json").read_text())
+        fine = json.loads((run_dir / "finetune" / "results.json").read_text())
+        # the stages are ordinary runs; the second starts from the first's final checkpoint
+        assert pre["task"] == "PretrainModule" and fine["task"] == "ClassifierModule"
+        assert (
+            fine["config"]["task"]["pretrained"]
+            == pre["last_checkpoint"]
+            == str(run_dir / "pretrain/checkpoints/last.ckpt")
+        )
+        assert "loaded the encoder" in (run_dir / "finetune" / "train.log").read_text()
+        # command-line overrides (the swept seed too) reach both stages, over a stage's own list
+        assert pre["epochs"] == fine["epochs"] == 8 and pre["config"]["seed"] == fine["config"]["seed"] == int(job)
+        assert pre["config"]["task"]["decoder_width"] == 48 and fine["config"]["task"]["mixup"] == 0
+        # accuracy: the final weights on the test split (validated there once, at the end); chance is 0.25
+        assert results["acc1"] == fine["last"]["val/acc1"] and results["acc1"] > 0.33
+        assert fine["val_split"] == "test"
+        # time: this job's command, at least its stages' own (process start to results) summed; the
+        # second job of the sweep runs in the same process and must not count the first one's time
+        assert results["wall_clock_measured"] == "this command"
+        assert pre["elapsed_s"] + fine["elapsed_s"] == pytest.approx(results["stages_elapsed_s"], abs=0.02)
+        assert results["stages_elapsed_s"] < results["wall_clock_s"] < results["stages_elapsed_s"] + 10 < took
+
+    report = maelab("sweep-report", str(sweep), cwd=tmp_path)  # one row per pipeline, not per stage
+    assert report.returncode == 0, report.stderr[-2000:]
+    table = (sweep / "sweep_report.md").read_text()
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| job", "| 0", "| 1"] and "| job | seed | acc1 |" in table
 
 
 def test_a_killed_pipeline_resumes_its_unfinished_stage_and_keeps_the_finished_one(tmp_path):
@@ -98,7 +117,10 @@ def test_a_killed_pipeline_resumes_its_unfinished_stage_and_keeps_the_finished_o
     process.send_signal(signal.SIGTERM)  # as `timeout` or a scheduler would: the stage saves, then stops
     output = process.communicate(timeout=120)[0].decode()
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert "received SIGTERM: saving at the next optimizer step" in (run_dir / "finetune" / "train.log").read_text()
+    log = (run_dir / "finetune" / "train.log").read_text()
+    assert "received SIGTERM: saving at the next optimizer step" in log
+    saved_step = int(re.search(r"saved \S+last.ckpt at step (\d+)", log).group(1))
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == saved_step  # the step, not the epoch's
     assert not (run_dir / "finetune" / "results.json").exists()
     pretrain_results = (run_dir / "pretrain" / "results.json").read_text()
 
@@ -150,3 +172,68 @@ def test_the_recipes_are_pipelines_of_existing_experiments():
         assert list(cfg.stages) == ["pretrain", "finetune"] and cfg.stages.finetune.pretrained == "pretrain"
     best = compose_config(["+experiment=cifar10_best"], REPO).stages
     assert "trainer.max_epochs=800" in best.pretrain.overrides and best.pretrain.experiment == "mae_vitt_cifar10_fast"
+
+
+def test_only_overrides_meant_for_the_stages_reach_them():
+    overrides = ["+experiment=cifar10_fast", "~stages.finetune", "++name=x", "+sweep=masking", "hydra/launcher=slurm"]
+    overrides += ["ckpt_path=last", "paths.output_dir=/x", "data.root=/d", "trainer=gpu", "~callbacks.knn_monitor"]
+    assert forwarded(overrides) == ["data.root=/d", "trainer=gpu", "~callbacks.knn_monitor"]
+
+
+def test_an_override_one_stage_cannot_take_stops_the_pipeline_before_any_stage_trains(tmp_path):
+    done = maelab("train", *TINY_PIPELINE, "task.mask_ratio=0.6", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage finetune (+experiment=finetune_vitt_cifar10_fast) cannot take these overrides")
+    assert "'stages.finetune.overrides=[...]'" in last
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_a_requeue_of_the_same_submitit_job_resumes_the_pipeline_and_another_job_is_refused(tmp_path, monkeypatch):
+    from maelab import requeue
+
+    cfg = OmegaConf.create({"ckpt_path": None})
+    stages = OmegaConf.create({"pretrain": {"experiment": "quickstart"}})
+    monkeypatch.setattr(requeue, "submitit_job_id", lambda: "123")
+    assert resuming(cfg, tmp_path, stages) is False  # the first start: the job claims the directory
+    (tmp_path / "pretrain").mkdir()
+    assert resuming(cfg, tmp_path, stages) is True  # its requeue runs the same command, ckpt_path=null
+    monkeypatch.setattr(requeue, "submitit_job_id", lambda: "456")
+    with pytest.raises(UserError, match="already holds this pipeline's stages; resume it with ckpt_path=last"):
+        resuming(cfg, tmp_path, stages)
+
+
+def test_under_submitit_a_signal_makes_the_stage_save_and_stop_then_submitit_requeues(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from maelab.pipeline import run_child
+
+    # a stand-in stage: records its environment, and exits 143 on SIGTERM as a maelab run does
+    stage = (
+        "import os, signal, sys, time\n"
+        "def stop(*a):\n"
+        f"    open({str(tmp_path / 'stage')!r}, 'w').write(' '.join(sorted(os.environ)))\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    requeued = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # submitit's
+    try:
+
+        def preempt():
+            while not (tmp_path / "ready").exists():
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+        threading.Thread(target=preempt, daemon=True).start()
+        with pytest.raises(SystemExit) as stopped:
+            run_child([sys.executable, "-c", stage])
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert stopped.value.code == 0 and requeued == [signal.SIGUSR2]  # handed over to submitit
+    seen = (tmp_path / "stage").read_text().split()  # the stage got SIGTERM, as a plain process
+    assert "PATH" in seen and not any(k.startswith("SUBMITIT_") for k in seen)

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from maelab import checkpoints
 from maelab.train import run
-from tests.conftest import TINY, compose_config, tiny_pretrain_module
+from tests.conftest import REPO, TINY, compose_config, tiny_pretrain_module
 
 
 def weights(path) -> dict:
@@ -180,12 +180,51 @@ def test_elapsed_time_adds_up_over_the_jobs_of_a_resumed_run(tmp_path, monkeypat
     first = run(compose_config(TINY + ["trainer.max_epochs=1"], tmp_path))
     assert 0 < first["wall_clock_s"] <= first["elapsed_s"]  # fit alone, then the whole job
     counted = torch.load(first["last_checkpoint"], weights_only=False)["callbacks"]["ElapsedTime"]["elapsed_s"]
-    # a second job, as if its process had started 100 s ago, carries the first job's time on
-    monkeypatch.setattr(maelab, "PROCESS_START", time.monotonic() - 100)
+    # a second job, as if it had started 100 s ago, carries the first job's time on
+    started = time.monotonic() - 100
+    monkeypatch.setattr(maelab, "job_start", lambda: started)
     start = time.monotonic()
     second = run(compose_config(TINY + ["trainer.max_epochs=2", "ckpt_path=last"], tmp_path))
     own = 100 + time.monotonic() - start
     assert counted + 100 < second["elapsed_s"] <= counted + own + 0.01
+
+
+class SigtermAtSanityCheck(L.Callback):
+    """Sends this process a SIGTERM before training starts, as `kill` might during data setup."""
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _start(args, cwd):
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "maelab", "train", *args], cwd=cwd, env=env)
+
+
+def test_a_plain_sigterm_saves_at_the_next_step_and_stops_with_143(tmp_path):
+    import re
+    import time
+
+    process = _start(TINY + ["trainer.max_epochs=500", f"hydra.run.dir={tmp_path}"], tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    log = (tmp_path / "train.log").read_text()
+    saved = int(re.search(r"saved \S+last.ckpt at step (\d+); stopping; resume with ckpt_path=last", log).group(1))
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == saved > 0
+    assert not (tmp_path / "results.json").exists()  # not a finished run
+
+
+def test_a_sigterm_before_training_starts_stops_with_143_not_success(tmp_path):
+    killer = "+callbacks.killer._target_=tests.test_train.SigtermAtSanityCheck"
+    process = _start(TINY + [killer, "trainer.num_sanity_val_steps=1", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM outside the training loop" in (tmp_path / "train.log").read_text()
 
 
 def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):

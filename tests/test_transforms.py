@@ -78,3 +78,13 @@ def test_pad_crop_flip_takes_windows_of_the_reflect_padded_image_and_mirrors_hal
 def test_pad_crop_flip_without_padding_or_flip_is_the_identity():
     imgs = torch.randn(4, 3, 8, 8)
     assert torch.equal(PadCropFlip(8, padding=0, hflip=False)(imgs), imgs)
+
+
+def test_pad_crop_flip_refuses_what_it_cannot_do_with_the_accepted_range():
+    import pytest
+
+    with pytest.raises(ValueError, match="padding must be 0 to 31 pixels for reflect padding of 32 px, got 32"):
+        PadCropFlip(32, padding=32)
+    with pytest.raises(ValueError, match="padding_mode must be reflect or replicate, got 'constant'"):
+        PadCropFlip(32, padding_mode="constant")
+    assert PadCropFlip(8, padding=12, padding_mode="replicate")(torch.randn(2, 3, 8, 8)).shape == (2, 3, 8, 8)

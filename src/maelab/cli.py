@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import maelab
 from maelab import __version__
 from maelab.errors import UserError
 
@@ -75,6 +76,7 @@ def task_function(cfg: "DictConfig") -> None:
     """What Hydra runs for each job; a user's mistake ends it with its message alone."""
     from hydra.core.hydra_config import HydraConfig
 
+    maelab.start_job()
     if "experiment" not in HydraConfig.get().runtime.choices:
         log.warning("no +experiment=NAME given: running the root defaults (conf/train.yaml)")
     pin_ddp_relaunch_to_this_job()

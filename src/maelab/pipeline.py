@@ -31,8 +31,9 @@ from maelab.errors import UserError
 log = logging.getLogger(__name__)
 
 STAGE_KEYS = {"experiment", "overrides", "pretrained"}
-# command-line overrides that belong to the pipeline itself, not to its stages
-OWN_KEYS = ("+experiment", "experiment", "++experiment", "stages", "+stages", "ckpt_path", "name", "hydra")
+# command-line overrides that belong to the pipeline itself, not to its stages (+sweep: the
+# pipeline is what a sweep runs, each stage once per point)
+OWN_KEYS = {"experiment", "stages", "ckpt_path", "name", "hydra", "paths", "sweep"}
 
 
 def experiments() -> list[str]:
@@ -60,48 +61,85 @@ def check_stages(stages: DictConfig) -> None:
         seen.append(name)
 
 
+def forwarded(overrides: list[str]) -> list[str]:
+    """Of the pipeline's command-line overrides, those that every stage takes."""
+
+    def root_key(override: str) -> str:  # "~stages.a" -> stages, "hydra/launcher=x" -> hydra
+        return override.split("=", 1)[0].lstrip("~+").split(".", 1)[0].split("/", 1)[0]
+
+    return [o for o in overrides if root_key(o) not in OWN_KEYS]
+
+
 def forwarded_overrides() -> list[str]:
-    """The pipeline's command-line overrides that every stage takes."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = list(HydraConfig.get().overrides.task)
-    return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0].split("/", 1)[0] not in OWN_KEYS]
+    return forwarded(list(HydraConfig.get().overrides.task))
 
 
-def stage_command(name: str, stage: DictConfig, stage_dir: Path, resume: bool, pretrained: Path | None) -> list[str]:
+def quoted(path: Path) -> str:
+    """A path as a quoted Hydra override value: commas, spaces and brackets stay literal."""
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def stage_overrides(stage: DictConfig, forwarded: list[str], pretrained: Path | None) -> list[str]:
     # the recipe's stage overrides, then the command line's, which has the last word as in Hydra
-    command = [sys.executable, "-m", "maelab", "train", f"+experiment={stage.experiment}"]
-    command += [*(stage.get("overrides") or []), *forwarded_overrides()]
+    overrides = [f"+experiment={stage.experiment}", *(stage.get("overrides") or []), *forwarded]
     if pretrained is not None:
-        command.append(f"task.pretrained={pretrained}")
-    command += [f"hydra.run.dir={stage_dir}", f"ckpt_path={'last' if resume else 'null'}"]
-    return command
+        overrides.append(f"task.pretrained={quoted(pretrained)}")
+    return overrides
+
+
+def check_composes(stages: DictConfig, forwarded: list[str]) -> None:
+    """Compose every stage's config before any runs, so that an override one stage cannot take
+    fails now, not after the stages before it have trained."""
+    from hydra import compose
+
+    for name, stage in stages.items():
+        pretrained = Path("pretrained.ckpt") if stage.get("pretrained") else None
+        try:
+            compose("train", overrides=stage_overrides(stage, forwarded, pretrained))
+        except Exception as e:  # noqa: BLE001  (Hydra's override and config errors)
+            raise UserError(
+                f"stage {name} (+experiment={stage.experiment}) cannot take these overrides: {str(e).splitlines()[0]} "
+                f"Command-line overrides reach every stage; a key only one stage has goes in its list, "
+                f"'stages.{name}.overrides=[...]'"
+            ) from None
+
+
+def child_environment() -> dict[str, str]:
+    """The stage runs as a plain process: the pipeline, not the stage, deals with submitit (a
+    stage that believed itself a submitit job would hand a preemption to a handler it lacks)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}
 
 
 def run_child(command: list[str]) -> int:
-    """Run a stage, passing on the signals a scheduler or ``kill`` sends (the stage saves its
-    last.ckpt at the next step), then acting on them here as this process would have."""
-    child = subprocess.Popen(command)
+    """Run a stage. A SIGTERM or submitit's signal (``kill``, ``timeout``, SLURM) is passed on as
+    SIGTERM, on which the stage saves last.ckpt at its next step and stops. Then, under submitit,
+    this process hands over to submitit's handler, which requeues the pipeline (its requeue
+    resumes, see ``resuming``); otherwise it stops with 128 + the signal, as the stage did."""
+    from maelab.requeue import submitit_signal, under_submitit
+
+    child = subprocess.Popen(command, env=child_environment())
     received: list[int] = []
 
     def forward(signum, frame):
         received.append(signum)
-        child.send_signal(signum)
+        child.send_signal(signal.SIGTERM)
 
-    watched = [signal.SIGTERM, signal.SIGUSR2]
-    previous = {s: signal.signal(s, forward) for s in watched}
+    previous = {s: signal.signal(s, forward) for s in {signal.SIGTERM, submitit_signal()}}
     try:
         rc = child.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    for signum in received:
-        handler = previous[signum]
-        if callable(handler):
-            handler(signum, None)  # e.g. submitit's requeue
-        elif handler == signal.SIG_DFL:
-            raise SystemExit(128 + signum)
-    return rc
+    if not received:
+        return rc
+    if under_submitit():
+        handover = previous[submitit_signal()]
+        if callable(handover):
+            handover(submitit_signal(), None)  # submitit's: requeue, then exit
+        raise SystemExit(0)
+    raise SystemExit(128 + received[0])
 
 
 def stage_summary(results: dict) -> dict:
@@ -129,20 +167,55 @@ def final_accuracy(results: dict) -> tuple[float | None, str | None]:
     return None, None
 
 
+def pipeline_owner_file(output_dir: Path) -> Path:
+    return output_dir / "submitit_job"
+
+
+def resuming(cfg: DictConfig, output_dir: Path, stages: DictConfig) -> bool:
+    """ckpt_path=last resumes; so does a requeue of the submitit job that started this pipeline
+    (its command is the first one, without ckpt_path=last). Otherwise a directory that already
+    holds stages is refused rather than trained over."""
+    from maelab.requeue import submitit_job_id
+
+    if cfg.get("ckpt_path") not in (None, "last"):
+        raise UserError(f"ckpt_path={cfg.ckpt_path}: a pipeline resumes its own stages; pass null or last")
+    job, owner = submitit_job_id(), pipeline_owner_file(output_dir)
+    if job is not None and owner.is_file() and owner.read_text().strip() == job:
+        log.info("requeued job %s: resuming the pipeline in %s", job, output_dir)
+        return True
+    if cfg.get("ckpt_path") == "last":
+        return True
+    if any((output_dir / name).exists() for name in stages):
+        raise UserError(
+            f"{output_dir} already holds this pipeline's stages; resume it with ckpt_path=last, "
+            "or choose another directory (hydra.run.dir)"
+        )
+    if job is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        owner.write_text(job + "\n")
+    return False
+
+
+def wait_for(path: Path, seconds: float) -> bool:
+    """Under srun every task runs the pipeline and rank 0's stage writes its results: the other
+    tasks wait for the file (a shared filesystem) instead of racing it."""
+    deadline = time.monotonic() + seconds
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(1)
+    return path.is_file()
+
+
 def run_pipeline(cfg: DictConfig) -> dict:
     from maelab.train import write_json
 
     stages = cfg.stages
     check_stages(stages)
     output_dir = Path(cfg.paths.output_dir).absolute()
-    resume = cfg.get("ckpt_path") == "last"
-    if cfg.get("ckpt_path") not in (None, "last"):
-        raise UserError(f"ckpt_path={cfg.ckpt_path}: a pipeline resumes its own stages; pass null or last")
-    if not resume and any((output_dir / name).exists() for name in stages):
-        raise UserError(
-            f"{output_dir} already holds this pipeline's stages; resume it with ckpt_path=last, "
-            "or choose another directory (hydra.run.dir)"
-        )
+    forwarded = forwarded_overrides()
+    start = maelab.job_start()
+    check_composes(stages, forwarded)
+    resume = resuming(cfg, output_dir, stages)
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
 
     results: dict[str, dict] = {}
     ran_all = True  # every stage ran whole in this command
@@ -151,19 +224,21 @@ def run_pipeline(cfg: DictConfig) -> dict:
         stage_dir = output_dir / name
         done = stage_dir / "results.json"
         pretrained = previous[stage.pretrained] if stage.get("pretrained") else None
-        if done.is_file():
+        if done.is_file() and resume:
             log.info("stage %s: finished earlier (%s)", name, done)
             ran_all = False
         else:
             started = (stage_dir / "checkpoints" / "last.ckpt").is_file()
             ran_all &= not started
-            command = stage_command(name, stage, stage_dir, started, pretrained)
+            command = [sys.executable, "-m", "maelab", "train", *stage_overrides(stage, forwarded, pretrained)]
+            command += [f"hydra.run.dir={quoted(stage_dir)}", f"ckpt_path={'last' if started else 'null'}"]
             log.info("stage %s: %s", name, " ".join(command[1:]))
             rc = run_child(command)
-            if rc != 0 or not done.is_file():
+            if rc != 0 or not (done.is_file() or (rank > 0 and wait_for(done, 600))):
+                where = f"; its log: {stage_dir / 'train.log'}" if (stage_dir / "train.log").is_file() else ""
                 raise UserError(
-                    f"stage {name} stopped (exit {rc}); its output is above and in {stage_dir}/train.log. "
-                    f"Resume the pipeline with hydra.run.dir={output_dir} ckpt_path=last"
+                    f"stage {name} stopped (exit {rc}) without results{where}. Once the cause is fixed, "
+                    f"resume the pipeline with hydra.run.dir={output_dir} ckpt_path=last"
                 )
         results[name] = json.loads(done.read_text())
         previous[name] = Path(results[name]["last_checkpoint"])
@@ -178,13 +253,13 @@ def run_pipeline(cfg: DictConfig) -> dict:
         "acc1_measured": measured,
         # this command, start to end, when it ran every stage itself; after a resume, the stages'
         # own elapsed_s summed (each job's time up to its last checkpoint)
-        "wall_clock_s": round(time.monotonic() - maelab.PROCESS_START, 2) if ran_all else round(stage_time, 2),
+        "wall_clock_s": round(time.monotonic() - start, 2) if ran_all else round(stage_time, 2),
         "wall_clock_measured": "this command" if ran_all else "sum of the stages' elapsed_s (resumed)",
         "stages_elapsed_s": round(stage_time, 2),
         "stages": {name: stage_summary(r) for name, r in results.items()},
-        "stage_config": {"stages": OmegaConf.to_container(stages), "overrides": forwarded_overrides()},
+        "stage_config": {"stages": OmegaConf.to_container(stages), "overrides": forwarded},
     }
-    if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+    if rank == 0:
         write_json(output_dir / "results.json", summary)
     log.info(
         "%s: %s in %.0f s (%s)",

@@ -16,19 +16,24 @@ import yaml
 
 # (column, where in results.json): the metrics a report shows when the jobs have them
 METRICS = [
+    ("acc1", ("", "acc1")),  # a pipeline's (cifar10_fast): its last stage's final top-1
     ("test/acc1", ("test", "test/acc1")),
     ("best val/acc1", ("best", "val/acc1")),
     ("val/acc1", ("last", "val/acc1")),
     ("val/knn_acc", ("last", "val/knn_acc")),
     ("val/loss", ("last", "val/loss")),
     ("train/loss", ("last", "train/loss")),
+    ("wall_clock_s", ("", "wall_clock_s")),  # last: never the default plot while a metric is there
 ]
 
 
 def read_jobs(sweep_dir: Path) -> list[dict]:
     jobs = []
-    for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
+    job_dirs = [f.parent.parent for f in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"))]
+    for job_dir in job_dirs:
+        if any(other in job_dir.parents for other in job_dirs):
+            continue  # a stage of a pipeline job, which that job's results.json sums up
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
         # key=value, +key=value, ~key (removed): the key as written, its value or "(removed)"
         overrides = dict(
             o.split("=", 1) if "=" in o else (o, "(removed)") for o in yaml.safe_load(overrides_file.read_text()) or []
@@ -50,7 +55,7 @@ def swept_keys(jobs: list[dict]) -> list[str]:
 
 
 def metric_value(results: dict | None, where: tuple[str, str]) -> float | None:
-    section = (results or {}).get(where[0]) or {}
+    section = (results or {}) if not where[0] else (results or {}).get(where[0]) or {}
     value = section.get(where[1])
     return float(value) if isinstance(value, int | float) else None
 

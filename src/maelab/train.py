@@ -5,6 +5,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,7 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    from maelab.callbacks.preemption import checkpoint_owner, submitit_job_id
+    from maelab.requeue import checkpoint_owner, submitit_job_id
 
     path = output_dir / "checkpoints" / "last.ckpt"
     job = submitit_job_id()
@@ -175,7 +176,9 @@ def build(cfg: DictConfig):
     callbacks.append(RandomState(cfg.seed))  # not optional: per-rank streams, exact resumption
     callbacks.append(MetricHistory())  # results.json's best and last
     callbacks.append(ElapsedTime())  # results.json's elapsed_s, over every job of the run
-    callbacks.append(Preemption(Path(cfg.paths.output_dir) / "checkpoints"))  # saves, then submitit requeues
+    callbacks.append(  # saves, then submitit requeues (or, on a plain SIGTERM, the run stops)
+        Preemption(Path(cfg.paths.output_dir) / "checkpoints", cfg.get("signal_check_every_n_steps", 10))
+    )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     if SLURMEnvironment.detect():
         check_slurm_allocation(cfg.trainer)
@@ -214,6 +217,8 @@ def run(cfg: DictConfig) -> dict:
 
     register_resolvers()
     validate(cfg)  # before the heavy imports: a bad value fails in a second
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from maelab.callbacks.elapsed import ElapsedTime
     from maelab.callbacks.metric_history import MetricHistory
     from maelab.callbacks.throughput import Throughput
@@ -245,6 +250,10 @@ def run(cfg: DictConfig) -> dict:
             }
             test = evaluate_on_test(cfg, trainer, module, datamodule)
             skipped = skipped_images(trainer, datamodule)
+    except SIGTERMException as e:  # Lightning's: a SIGTERM before training began or during the test pass
+        error = e
+        log.warning("stopped by SIGTERM outside the training loop; nothing newer than the last checkpoint is saved")
+        raise SystemExit(128 + signal.SIGTERM) from None
     except BaseException as e:
         error = e
         raise

@@ -28,51 +28,22 @@ states.
 """
 
 import logging
-import os
 import signal
 from pathlib import Path
 
 import lightning as L
 
 from maelab.callbacks.last_checkpoint import LastCheckpoint
+from maelab.requeue import OWNER_FILE, submitit_job_id, submitit_signal, under_submitit
 
 log = logging.getLogger(__name__)
 
 
-def under_submitit() -> bool:
-    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
-
-
-def submitit_job_id() -> str | None:
-    """The id submitit keeps across requeues of a job (``<array id>_<task>`` in an array)."""
-    if not under_submitit():
-        return None
-    import submitit
-
-    try:
-        return submitit.JobEnvironment().job_id
-    except KeyError:  # the executor's variables are missing: not started by submitit
-        return None
-
-
-def checkpoint_owner(checkpoint_dir: Path) -> str | None:
-    """The submitit job that trained into this directory (written when its training starts)."""
-    path = Path(checkpoint_dir) / OWNER_FILE
-    return path.read_text().strip() if path.is_file() else None
-
-
-OWNER_FILE = "submitit_job"
-
-
-def submitit_signal() -> signal.Signals:
-    """The signal submitit sends before a time limit or preemption (its own setting)."""
-    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
-
-
 class Preemption(L.Callback):
-    def __init__(self, dirpath: str, check_every_n_steps: int = 1):
+    def __init__(self, dirpath: str, check_every_n_steps: int = 10):
         self.path = Path(dirpath) / "last.ckpt"
-        self.check_every_n_steps = check_every_n_steps  # >1: fewer cross-rank checks on fast steps
+        # with several ranks the check is a collective and a host sync: every n steps, not every one
+        self.check_every_n_steps = check_every_n_steps
         self.received: tuple[int, object] | None = None
         self.active = False  # listening for the signals, from the start of training to its end
         self.submitit = False
@@ -128,7 +99,7 @@ class Preemption(L.Callback):
             return  # outside training, or mid-accumulation (gradients are not in checkpoints)
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch's last step: its validation and epoch-end hooks run first (on_train_epoch_end)
-        if trainer.global_step % self.check_every_n_steps == 0:
+        if trainer.world_size == 1 or trainer.global_step % self.check_every_n_steps == 0:
             self._save_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -160,7 +131,7 @@ class Preemption(L.Callback):
         self.on_train_batch_start(trainer, pl_module, None, 0)
 
     def _hand_over(self) -> None:
-        signum, frame = self.received or (submitit_signal(), None)
+        signum, frame = self.received or (submitit_signal() if self.submitit else signal.SIGTERM, None)
         if not self.submitit:  # a plain SIGTERM: the run stops, as the sender asked, with its state saved
             raise SystemExit(128 + signum)
         self.handed_over = True

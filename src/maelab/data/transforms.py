@@ -148,10 +148,10 @@ class PadCropFlip:
     image's rows and columns are indexed at once, a flip being columns read backwards."""
 
     def __init__(self, size: int, padding: int = 4, hflip: bool = True, padding_mode: str = "reflect"):
-        if padding < 0:
-            raise ValueError(f"padding must be >= 0 pixels, got {padding}")
-        if padding_mode not in ("reflect", "replicate", "constant"):
-            raise ValueError(f"padding_mode must be reflect, replicate or constant, got {padding_mode!r}")
+        if padding_mode not in ("reflect", "replicate"):  # a constant would differ between the device
+            raise ValueError(f"padding_mode must be reflect or replicate, got {padding_mode!r}")  # and PIL paths
+        if not 0 <= padding < (size if padding_mode == "reflect" else float("inf")):
+            raise ValueError(f"padding must be 0 to {size - 1} pixels for reflect padding of {size} px, got {padding}")
         self.size, self.padding, self.hflip, self.padding_mode = size, padding, hflip, padding_mode
 
     def per_image(self):
@@ -159,7 +159,7 @@ class PadCropFlip:
         RandomCrop with padding + flip -> uint8 (3, size, size)."""
         from torchvision import transforms as T
 
-        mode = "edge" if self.padding_mode == "replicate" else self.padding_mode
+        mode = "edge" if self.padding_mode == "replicate" else "reflect"
         steps = [T.Resize(self.size), T.CenterCrop(self.size), T.RandomCrop(self.size, self.padding, padding_mode=mode)]
         if self.hflip:
             steps.append(T.RandomHorizontalFlip())
@@ -173,10 +173,7 @@ class PadCropFlip:
         if H != self.size:
             imgs = F.interpolate(imgs, size=(self.size, self.size), mode="bicubic", antialias=True)
         p, s, dev = self.padding, self.size, imgs.device
-        if self.padding_mode == "constant":
-            padded = F.pad(imgs, (p, p, p, p))
-        else:
-            padded = F.pad(imgs, (p, p, p, p), mode=self.padding_mode)
+        padded = F.pad(imgs, (p, p, p, p), mode=self.padding_mode)
         top = torch.randint(0, 2 * p + 1, (N, 1), device=dev, generator=generator)
         left = torch.randint(0, 2 * p + 1, (N, 1), device=dev, generator=generator)
         steps = torch.arange(s, device=dev)
