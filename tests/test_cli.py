@@ -33,6 +33,7 @@ def test_quickstart_writes_checkpoint_reconstructions_and_results(tmp_path):
         ("data.batch_size=0", "data.batch_size=0: expected a positive integer"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0: expected a positive integer, or -1"),
         ("augment.scale=[0.5,0.2]", "augment.scale=[0.5, 0.2]: expected [min, max] area fractions"),
+        ("signal_check_every_n_steps=0", "signal_check_every_n_steps=0: expected a positive integer"),
     ],
 )
 def test_a_bad_value_stops_before_training_with_one_clear_message(tmp_path, override, message):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,9 +185,40 @@ def test_an_override_one_stage_cannot_take_stops_the_pipeline_before_any_stage_t
     done = maelab("train", *TINY_PIPELINE, "task.mask_ratio=0.6", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: stage finetune (+experiment=finetune_vitt_cifar10_fast) cannot take these overrides")
+    assert last.startswith(
+        "error: stage finetune (+experiment=finetune_vitt_cifar10_fast) cannot take the command line's overrides"
+    )
     assert "'stages.finetune.overrides=[...]'" in last
     assert not (tmp_path / "pretrain").exists()
+
+
+def test_a_mistake_in_a_stage_list_is_blamed_on_the_list(tmp_path):
+    stage_list = 'stages.finetune.overrides=["task.label_smothing=0.2"]'
+    done = maelab("train", *TINY_PIPELINE, stage_list, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage finetune (+experiment=finetune_vitt_cifar10_fast): its list")
+    assert "['task.label_smothing=0.2'] fails: Could not override 'task.label_smothing'" in last
+
+
+@pytest.mark.parametrize("path", ["/runs/a,b c/x=[1]", r"/runs/back\slash", '/runs/quote"d', "/runs/end\\"])
+def test_a_stage_directory_reaches_hydra_unchanged(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from maelab.pipeline import quoted
+
+    override = OverridesParser.create().parse_override(f"hydra.run.dir={quoted(Path(path))}")
+    assert override.value() == str(Path(path))
+
+
+def test_resuming_a_pipeline_needs_its_directory_and_only_rank_0_refuses_one_in_use(tmp_path):
+    stages = OmegaConf.create({"pretrain": {"experiment": "quickstart"}})
+    with pytest.raises(UserError, match="ckpt_path=last: .* holds none of the stages \\['pretrain'\\]"):
+        resuming(OmegaConf.create({"ckpt_path": "last"}), tmp_path, stages)
+    (tmp_path / "pretrain").mkdir()  # under srun: rank 0's stage has just made it
+    assert resuming(OmegaConf.create({"ckpt_path": None}), tmp_path, stages, rank=1) is False
+    with pytest.raises(UserError, match="already holds this pipeline's stages"):
+        resuming(OmegaConf.create({"ckpt_path": None}), tmp_path, stages, rank=0)
 
 
 def test_a_requeue_of_the_same_submitit_job_resumes_the_pipeline_and_another_job_is_refused(tmp_path, monkeypatch):
@@ -209,14 +241,17 @@ def test_under_submitit_a_signal_makes_the_stage_save_and_stop_then_submitit_req
 
     from maelab.pipeline import run_child
 
-    # a stand-in stage: records its environment, and exits 143 on SIGTERM as a maelab run does
+    # a stand-in stage: starts as maelab's command line does, records its environment, and exits
+    # 143 on SIGTERM as a maelab run does
     stage = (
         "import os, signal, sys, time\n"
+        "from maelab.requeue import ignore_signal_for_parent\n"
+        "ignore_signal_for_parent()\n"
         "def stop(*a):\n"
         f"    open({str(tmp_path / 'stage')!r}, 'w').write(' '.join(sorted(os.environ)))\n"
         "    sys.exit(143)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
-        f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+        f"open({str(tmp_path / 'ready')!r}, 'w').write(str(os.getpid()))\n"
         "time.sleep(60)\n"
     )
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
@@ -225,8 +260,11 @@ def test_under_submitit_a_signal_makes_the_stage_save_and_stop_then_submitit_req
     try:
 
         def preempt():
-            while not (tmp_path / "ready").exists():
+            while not (tmp_path / "ready").exists() or not (tmp_path / "ready").read_text():
                 time.sleep(0.05)
+            # SLURM signals every process of the job step: the stage as well as the pipeline
+            os.kill(int((tmp_path / "ready").read_text()), signal.SIGUSR2)
+            time.sleep(0.5)
             os.kill(os.getpid(), signal.SIGUSR2)
 
         threading.Thread(target=preempt, daemon=True).start()
@@ -237,3 +275,4 @@ def test_under_submitit_a_signal_makes_the_stage_save_and_stop_then_submitit_req
     assert stopped.value.code == 0 and requeued == [signal.SIGUSR2]  # handed over to submitit
     seen = (tmp_path / "stage").read_text().split()  # the stage got SIGTERM, as a plain process
     assert "PATH" in seen and not any(k.startswith("SUBMITIT_") for k in seen)
+    assert "MAELAB_IGNORE_SIGNAL" in seen  # the stage left submitit's USR2 to the pipeline

@@ -227,6 +227,20 @@ def test_a_sigterm_before_training_starts_stops_with_143_not_success(tmp_path):
     assert "stopped by SIGTERM outside the training loop" in (tmp_path / "train.log").read_text()
 
 
+def test_under_submitit_a_sigterm_before_training_hands_the_job_to_submitits_requeue(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # a preemption: SIGTERM, then submitit's USR2
+    requeued = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # submitit's
+    killer = "+callbacks.killer._target_=tests.test_train.SigtermAtSanityCheck"
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run(compose_config(TINY + [killer, "trainer.num_sanity_val_steps=1"], tmp_path))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert stopped.value.code == 0 and requeued == [signal.SIGUSR2]  # requeued, not failed with 143
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
     results = run(compose_config(TINY + ["trainer.max_epochs=1"], tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"

@@ -87,4 +87,6 @@ def test_pad_crop_flip_refuses_what_it_cannot_do_with_the_accepted_range():
         PadCropFlip(32, padding=32)
     with pytest.raises(ValueError, match="padding_mode must be reflect or replicate, got 'constant'"):
         PadCropFlip(32, padding_mode="constant")
+    with pytest.raises(ValueError, match="padding must be 0 or more pixels, got -1"):
+        PadCropFlip(32, padding=-1, padding_mode="replicate")
     assert PadCropFlip(8, padding=12, padding_mode="replicate")(torch.randn(2, 3, 8, 8)).shape == (2, 3, 8, 8)

@@ -155,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from maelab.requeue import ignore_signal_for_parent
+
+    ignore_signal_for_parent()  # a pipeline's stage: first, before a slow import leaves the signal deadly
     argv = sys.argv[1:] if argv is None else argv
     parsed = _parser().parse_args(argv)
     if parsed.command == "train":

@@ -62,6 +62,7 @@ def per_channel(positive: bool):
 
 RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("seed", _is_int, "an integer"),
+    ("signal_check_every_n_steps", positive_int, "a positive integer (optimizer steps)"),
     ("task.mask_ratio", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1), e.g. 0.75"),
     ("data.img_size", positive_int, "a positive integer (pixels)"),
     ("data.batch_size", positive_int, "a positive integer (images per device)"),

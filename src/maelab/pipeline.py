@@ -17,6 +17,7 @@ groups, CUDA memory) at the cost of a few seconds of start-up each, which the wa
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,8 +78,10 @@ def forwarded_overrides() -> list[str]:
 
 
 def quoted(path: Path) -> str:
-    """A path as a quoted Hydra override value: commas, spaces and brackets stay literal."""
-    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A path as a quoted Hydra override value: commas, spaces and brackets stay literal. Hydra
+    reads a backslash as an escape only in a run before a quote (the closing one included): such
+    runs are doubled and the quote escaped; any other backslash is literal."""
+    return '"' + re.sub(r'(\\*)("|$)', lambda m: 2 * m[1] + ("\\" + m[2] if m[2] else ""), str(path)) + '"'
 
 
 def stage_overrides(stage: DictConfig, forwarded: list[str], pretrained: Path | None) -> list[str]:
@@ -94,22 +97,40 @@ def check_composes(stages: DictConfig, forwarded: list[str]) -> None:
     fails now, not after the stages before it have trained."""
     from hydra import compose
 
+    def error(overrides: list[str]) -> str | None:
+        try:
+            compose("train", overrides=overrides)
+        except Exception as e:  # noqa: BLE001  (Hydra's override and config errors)
+            return str(e).splitlines()[0]
+        return None
+
     for name, stage in stages.items():
         pretrained = Path("pretrained.ckpt") if stage.get("pretrained") else None
-        try:
-            compose("train", overrides=stage_overrides(stage, forwarded, pretrained))
-        except Exception as e:  # noqa: BLE001  (Hydra's override and config errors)
+        message = error(stage_overrides(stage, forwarded, pretrained))
+        if message is None:
+            continue
+        what = f"stage {name} (+experiment={stage.experiment})"
+        if error(stage_overrides(stage, [], pretrained)) is not None:  # its own list, before the command line's
             raise UserError(
-                f"stage {name} (+experiment={stage.experiment}) cannot take these overrides: {str(e).splitlines()[0]} "
-                f"Command-line overrides reach every stage; a key only one stage has goes in its list, "
-                f"'stages.{name}.overrides=[...]'"
-            ) from None
+                f"{what}: its list stages.{name}.overrides={list(stage.get('overrides') or [])} fails: {message}"
+            )
+        raise UserError(
+            f"{what} cannot take the command line's overrides: {message} Command-line overrides reach "
+            f"every stage; a key only one stage has goes in its list, 'stages.{name}.overrides=[...]'"
+        )
 
 
 def child_environment() -> dict[str, str]:
     """The stage runs as a plain process: the pipeline, not the stage, deals with submitit (a
-    stage that believed itself a submitit job would hand a preemption to a handler it lacks)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}
+    stage that believed itself a submitit job would hand a preemption to a handler it lacks).
+    SLURM sends submitit's signal to the stage too: the stage ignores it, and the pipeline passes
+    it on as the SIGTERM on which a plain run saves and stops."""
+    from maelab.requeue import IGNORE_SIGNAL_VARIABLE, submitit_signal, under_submitit
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}
+    if under_submitit():
+        env[IGNORE_SIGNAL_VARIABLE] = submitit_signal().name.removeprefix("SIG")
+    return env
 
 
 def run_child(command: list[str]) -> int:
@@ -117,17 +138,22 @@ def run_child(command: list[str]) -> int:
     SIGTERM, on which the stage saves last.ckpt at its next step and stops. Then, under submitit,
     this process hands over to submitit's handler, which requeues the pipeline (its requeue
     resumes, see ``resuming``); otherwise it stops with 128 + the signal, as the stage did."""
-    from maelab.requeue import submitit_signal, under_submitit
+    from maelab.requeue import hand_over_to_submitit, submitit_signal, under_submitit
 
-    child = subprocess.Popen(command, env=child_environment())
     received: list[int] = []
+    child: subprocess.Popen | None = None
 
     def forward(signum, frame):
         received.append(signum)
-        child.send_signal(signal.SIGTERM)
+        if child is not None:
+            child.send_signal(signal.SIGTERM)
 
+    # listening before the stage starts: a signal in between still reaches it
     previous = {s: signal.signal(s, forward) for s in {signal.SIGTERM, submitit_signal()}}
     try:
+        child = subprocess.Popen(command, env=child_environment())
+        if received:
+            child.send_signal(signal.SIGTERM)
         rc = child.wait()
     finally:
         for s, handler in previous.items():
@@ -135,10 +161,7 @@ def run_child(command: list[str]) -> int:
     if not received:
         return rc
     if under_submitit():
-        handover = previous[submitit_signal()]
-        if callable(handover):
-            handover(submitit_signal(), None)  # submitit's: requeue, then exit
-        raise SystemExit(0)
+        hand_over_to_submitit(previous[submitit_signal()])  # submitit's: requeue, then exit
     raise SystemExit(128 + received[0])
 
 
@@ -171,7 +194,7 @@ def pipeline_owner_file(output_dir: Path) -> Path:
     return output_dir / "submitit_job"
 
 
-def resuming(cfg: DictConfig, output_dir: Path, stages: DictConfig) -> bool:
+def resuming(cfg: DictConfig, output_dir: Path, stages: DictConfig, rank: int = 0) -> bool:
     """ckpt_path=last resumes; so does a requeue of the submitit job that started this pipeline
     (its command is the first one, without ckpt_path=last). Otherwise a directory that already
     holds stages is refused rather than trained over."""
@@ -183,9 +206,17 @@ def resuming(cfg: DictConfig, output_dir: Path, stages: DictConfig) -> bool:
     if job is not None and owner.is_file() and owner.read_text().strip() == job:
         log.info("requeued job %s: resuming the pipeline in %s", job, output_dir)
         return True
+    started = any((output_dir / name).exists() for name in stages)
     if cfg.get("ckpt_path") == "last":
+        if not started:  # as for a single run: a mistyped directory is not a fresh start
+            raise UserError(
+                f"ckpt_path=last: {output_dir} holds none of the stages {list(stages)}. To resume a "
+                "pipeline, name its directory: hydra.run.dir=<the pipeline's output directory> ckpt_path=last"
+            )
         return True
-    if any((output_dir / name).exists() for name in stages):
+    if started and rank > 0:  # under srun, rank 0's stage may have just made it: rank 0 decides
+        return False
+    if started:
         raise UserError(
             f"{output_dir} already holds this pipeline's stages; resume it with ckpt_path=last, "
             "or choose another directory (hydra.run.dir)"
@@ -214,8 +245,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
     forwarded = forwarded_overrides()
     start = maelab.job_start()
     check_composes(stages, forwarded)
-    resume = resuming(cfg, output_dir, stages)
     rank = int(os.environ.get("SLURM_PROCID", "0"))
+    resume = resuming(cfg, output_dir, stages, rank)
 
     results: dict[str, dict] = {}
     ran_all = True  # every stage ran whole in this command

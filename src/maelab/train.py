@@ -221,8 +221,10 @@ def run(cfg: DictConfig) -> dict:
 
     from maelab.callbacks.elapsed import ElapsedTime
     from maelab.callbacks.metric_history import MetricHistory
+    from maelab.callbacks.preemption import Preemption
     from maelab.callbacks.throughput import Throughput
     from maelab.loggers import finish_loggers
+    from maelab.requeue import hand_over_to_submitit, submitit_signal, under_submitit
 
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
@@ -253,6 +255,10 @@ def run(cfg: DictConfig) -> dict:
     except SIGTERMException as e:  # Lightning's: a SIGTERM before training began or during the test pass
         error = e
         log.warning("stopped by SIGTERM outside the training loop; nothing newer than the last checkpoint is saved")
+        if under_submitit():  # a preemption: submitit requeues, and the next job resumes from last.ckpt
+            preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
+            preemption.handed_over = True
+            hand_over_to_submitit(signal.getsignal(submitit_signal()))
         raise SystemExit(128 + signal.SIGTERM) from None
     except BaseException as e:
         error = e

@@ -34,7 +34,7 @@ from pathlib import Path
 import lightning as L
 
 from maelab.callbacks.last_checkpoint import LastCheckpoint
-from maelab.requeue import OWNER_FILE, submitit_job_id, submitit_signal, under_submitit
+from maelab.requeue import OWNER_FILE, hand_over_to_submitit, submitit_job_id, submitit_signal, under_submitit
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,4 @@ class Preemption(L.Callback):
         if not self.submitit:  # a plain SIGTERM: the run stops, as the sender asked, with its state saved
             raise SystemExit(128 + signum)
         self.handed_over = True
-        if callable(self.handover):
-            self.handover(submitit_signal(), frame)  # rank 0: requeue and exit; other ranks: returns
-        raise SystemExit(0)
+        hand_over_to_submitit(self.handover, frame)

@@ -150,8 +150,10 @@ class PadCropFlip:
     def __init__(self, size: int, padding: int = 4, hflip: bool = True, padding_mode: str = "reflect"):
         if padding_mode not in ("reflect", "replicate"):  # a constant would differ between the device
             raise ValueError(f"padding_mode must be reflect or replicate, got {padding_mode!r}")  # and PIL paths
-        if not 0 <= padding < (size if padding_mode == "reflect" else float("inf")):
+        if padding_mode == "reflect" and not 0 <= padding < size:  # reflection mirrors at most size - 1 pixels
             raise ValueError(f"padding must be 0 to {size - 1} pixels for reflect padding of {size} px, got {padding}")
+        if padding < 0:
+            raise ValueError(f"padding must be 0 or more pixels, got {padding}")
         self.size, self.padding, self.hflip, self.padding_mode = size, padding, hflip, padding_mode
 
     def per_image(self):
