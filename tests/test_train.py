@@ -224,7 +224,10 @@ def test_a_sigterm_before_training_starts_stops_with_143_not_success(tmp_path):
     killer = "+callbacks.killer._target_=tests.test_train.SigtermAtSanityCheck"
     process = _start(TINY + [killer, "trainer.num_sanity_val_steps=1", f"hydra.run.dir={tmp_path}"], tmp_path)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM outside the training loop" in (tmp_path / "train.log").read_text()
+    assert (
+        "SIGTERM outside the training loop: nothing newer than the last checkpoint is saved; stopping"
+        in (tmp_path / "train.log").read_text()
+    )
 
 
 def test_under_submitit_a_sigterm_before_training_hands_the_job_to_submitits_requeue(tmp_path, monkeypatch):

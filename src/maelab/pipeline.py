@@ -214,9 +214,7 @@ def resuming(cfg: DictConfig, output_dir: Path, stages: DictConfig, rank: int = 
                 "pipeline, name its directory: hydra.run.dir=<the pipeline's output directory> ckpt_path=last"
             )
         return True
-    if started and rank > 0:  # under srun, rank 0's stage may have just made it: rank 0 decides
-        return False
-    if started:
+    if started and rank == 0:  # under srun a later rank may find what rank 0's stage just made: rank 0 decides
         raise UserError(
             f"{output_dir} already holds this pipeline's stages; resume it with ckpt_path=last, "
             "or choose another directory (hydra.run.dir)"

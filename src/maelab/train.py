@@ -254,8 +254,9 @@ def run(cfg: DictConfig) -> dict:
             skipped = skipped_images(trainer, datamodule)
     except SIGTERMException as e:  # Lightning's: a SIGTERM before training began or during the test pass
         error = e
-        log.warning("stopped by SIGTERM outside the training loop; nothing newer than the last checkpoint is saved")
-        if under_submitit():  # a preemption: submitit requeues, and the next job resumes from last.ckpt
+        then = "submitit requeues the job" if under_submitit() else "stopping"
+        log.warning("SIGTERM outside the training loop: nothing newer than the last checkpoint is saved; %s", then)
+        if under_submitit():  # a preemption: the next job resumes from last.ckpt
             preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
             preemption.handed_over = True
             hand_over_to_submitit(signal.getsignal(submitit_signal()))
