@@ -230,17 +230,32 @@ def test_a_sigterm_before_training_starts_stops_with_143_not_success(tmp_path):
     )
 
 
-def test_under_submitit_a_sigterm_before_training_hands_the_job_to_submitits_requeue(tmp_path, monkeypatch):
-    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # a preemption: SIGTERM, then submitit's USR2
+@pytest.mark.parametrize("submitit", [True, False], ids=["under_submitit", "plain"])
+def test_a_sigterm_before_training_requeues_under_submitit_and_fails_the_wandb_run_otherwise(
+    tmp_path, monkeypatch, submitit
+):
+    import wandb
+
+    if submitit:
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # a preemption: SIGTERM, then submitit's USR2
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    finished = []
+    finish = wandb.finish
+    monkeypatch.setattr(wandb, "finish", lambda exit_code=None: finished.append(exit_code) or finish(exit_code))
     requeued = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # submitit's
     killer = "+callbacks.killer._target_=tests.test_train.SigtermAtSanityCheck"
+    wandb_offline = ["logger=[csv,wandb]", "logger.wandb.offline=true", "logger.wandb.project=maelab-tests"]
     try:
         with pytest.raises(SystemExit) as stopped:
-            run(compose_config(TINY + [killer, "trainer.num_sanity_val_steps=1"], tmp_path))
+            run(compose_config(TINY + [killer, "trainer.num_sanity_val_steps=1", *wandb_offline], tmp_path))
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    assert stopped.value.code == 0 and requeued == [signal.SIGUSR2]  # requeued, not failed with 143
+    if submitit:  # requeued, not failed with 143; the requeued job continues the W&B run
+        assert (stopped.value.code, requeued, finished) == (0, [signal.SIGUSR2], [0])
+    else:  # stopped as the sender asked; W&B shows the run failed, as for any other stop with 143
+        assert (stopped.value.code, requeued, finished) == (128 + signal.SIGTERM, [], [1])
     assert not (tmp_path / "results.json").exists()
 
 

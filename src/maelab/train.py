@@ -221,7 +221,6 @@ def run(cfg: DictConfig) -> dict:
 
     from maelab.callbacks.elapsed import ElapsedTime
     from maelab.callbacks.metric_history import MetricHistory
-    from maelab.callbacks.preemption import Preemption
     from maelab.callbacks.throughput import Throughput
     from maelab.loggers import finish_loggers
     from maelab.requeue import hand_over_to_submitit, submitit_signal, under_submitit
@@ -252,15 +251,14 @@ def run(cfg: DictConfig) -> dict:
             }
             test = evaluate_on_test(cfg, trainer, module, datamodule)
             skipped = skipped_images(trainer, datamodule)
-    except SIGTERMException as e:  # Lightning's: a SIGTERM before training began or during the test pass
-        error = e
+    except SIGTERMException:  # Lightning's: a SIGTERM before training began or during the test pass
         then = "submitit requeues the job" if under_submitit() else "stopping"
         log.warning("SIGTERM outside the training loop: nothing newer than the last checkpoint is saved; %s", then)
-        if under_submitit():  # a preemption: the next job resumes from last.ckpt
-            preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
-            preemption.handed_over = True
+        if under_submitit():  # a preemption, not a failure (error stays None): the next job resumes from last.ckpt
             hand_over_to_submitit(signal.getsignal(submitit_signal()))
-        raise SystemExit(128 + signal.SIGTERM) from None
+        # not Lightning's exception, a SystemExit without a code that would pass for a clean exit
+        error = SystemExit(128 + signal.SIGTERM)
+        raise error from None
     except BaseException as e:
         error = e
         raise
