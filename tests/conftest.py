@@ -81,3 +81,16 @@ def cifar10_root() -> Path:
     if not root or not (Path(root) / "train").is_dir():
         pytest.skip("MAELAB_CIFAR10 does not point at an extracted cifar10-jpeg folder (.ci/run sets it)")
     return Path(root)
+
+
+@pytest.fixture
+def gpu():
+    """The device of a test marked ``gpu``: CUDA. ``benchmarks/gpu_check.sh --cpu`` rehearses those
+    tests on the CPU (MAELAB_GPU_REHEARSAL=1), so the GPU run cannot fail on a mistake the CPU shows."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("MAELAB_GPU_REHEARSAL") == "1":
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA GPU: benchmarks/gpu_check.sh runs these there (its --cpu form rehearses them here)")

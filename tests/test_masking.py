@@ -104,3 +104,21 @@ def test_the_command_line_names_an_impossible_grid_ratio_in_one_line(tmp_path):
         "error: task.mask_ratio=0.5 with masking=grid: keeping one patch in every 2x2 group masks 0.75 of the "
         "patches at least; choose task.mask_ratio >= 0.75"
     )
+
+
+@pytest.mark.parametrize("strategy", [RandomMasking(), BlockMasking(min_patches=2), GridMasking()])
+def test_a_compiled_model_traces_its_masks_for_any_batch_size(strategy):
+    # torch.compile makes the batch size symbolic once a model meets a second one (a sweep's next
+    # job, a last partial batch); a draw given generator=None could not be traced then, and the
+    # run fell back to eager. The eager backend runs dynamo's tracing alone, in a second.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = MaskedAutoencoder(
+        img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+        decoder_width=16, decoder_depth=1, decoder_heads=2, masking=strategy,
+    )  # fmt: skip
+    compiled = torch.compile(model, backend="eager", dynamic=True, fullgraph=True)
+    for batch in (4, 6):
+        loss, pred, mask = compiled(torch.randn(batch, 3, 16, 16), 0.75)
+        assert mask.shape == (batch, 16) and (mask.sum(1) == 12).all() and torch.isfinite(loss)

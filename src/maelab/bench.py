@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from hydra.errors import HydraException
@@ -107,7 +108,41 @@ def build_module(overrides: list[str]):
     return module, int(cfg.data.batch_size), int(cfg.data.img_size), cfg
 
 
-def bench(module, batch: int, img_size: int, steps: int, warmup: int, compile_model: bool, device) -> dict:
+def compile_or_explain(model, backend: str):
+    """(``torch.compile(model)``, None), or (model, why) where this platform cannot compile."""
+    try:
+        return torch.compile(model, backend=backend), None
+    except Exception as e:  # noqa: BLE001  (no compiler on this platform: time eager)
+        return model, f"{type(e).__name__}: {e}"
+
+
+def profile_summary(step, device: torch.device, steps: int = 5, rows: int = 25) -> str:
+    """torch.profiler over ``steps`` training steps: the operators and kernels that take the most
+    device time (CPU time on a CPU), as a table. Where a throughput target is missed, this says
+    where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+
+
+def bench(
+    module,
+    batch: int,
+    img_size: int,
+    steps: int,
+    warmup: int,
+    compile_model: bool,
+    device,
+    backend: str = "inductor",
+    profile: bool = False,
+) -> dict:
+    """Times maelab's pretraining step; with ``profile`` the result also holds the profiler table."""
     from maelab.modules.optim import param_groups_weight_decay
 
     module = module.to(device).train()
@@ -119,13 +154,8 @@ def bench(module, batch: int, img_size: int, steps: int, warmup: int, compile_mo
         param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
     images = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, device=device)
-    forward, compiled, why = model, False, None
-    if compile_model:
-        try:
-            forward = torch.compile(model)
-            compiled = True
-        except Exception as e:  # noqa: BLE001  (no compiler on this platform: time eager)
-            why = f"{type(e).__name__}: {e}"
+    forward, why = compile_or_explain(model, backend) if compile_model else (model, None)
+    compiled = forward is not model
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -150,6 +180,7 @@ def bench(module, batch: int, img_size: int, steps: int, warmup: int, compile_mo
         "img_size": img_size,
         "precision": "bf16-mixed" if bf16 else "32-true",
         "compiled": compiled,
+        **({"compile_backend": backend} if compiled else {}),
         "gflops_per_img_train": round(flops["train"] / 1e9, 3),
         "tflops_achieved": round(flops["train"] * batch / seconds / 1e12, 3),
     }
@@ -161,6 +192,8 @@ def bench(module, batch: int, img_size: int, steps: int, warmup: int, compile_mo
         import resource
 
         result["peak_host_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if profile:
+        result["profile"] = profile_summary(step, device)
     return result
 
 
@@ -170,13 +203,32 @@ def main(argv: list[str]) -> int:
         description="Time full pretraining steps on synthetic images of an experiment's shape on this device and "
         "print one JSON object: img/s, step time, peak memory, MAE FLOPs per image, TFLOP/s and utilisation "
         "of the measured matmul peak.",
-        epilog="example: maelab bench +experiment=mae_vitb data.batch_size=256 --steps 50 --compile",
+        epilog="example: maelab bench +experiment=mae_vitb data.batch_size=256 --compare hf --target 5900 "
+        "--profile outputs/profiles.txt",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for maelab train (+experiment=NAME ...)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on a GPU")
-    parser.add_argument("--compare", choices=["hf"], help="also time HuggingFace's ViTMAEForPreTraining")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend (default inductor); 'eager' traces the model without generating kernels, "
+        "a quick check that it compiles",
+    )
+    parser.add_argument(
+        "--compare",
+        choices=["hf"],
+        help="also time HuggingFace's ViTMAEForPreTraining, eager and (when compiling) compiled",
+    )
+    parser.add_argument("--target", type=float, metavar="IMG_PER_S", help="the img/s to reach; the JSON says if it did")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="append a torch.profiler table of the operators and kernels taking the most time to FILE "
+        "(with --target: only when the target is missed)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -187,23 +239,38 @@ def main(argv: list[str]) -> int:
             k: (cfg.get(k) or {}).get("_target_", "none").rsplit(".", 1)[-1] for k in ("augment", "target", "masking")
         }
         result = {"experiment": cfg.name, "device": device_name(device), **parts}
-        result |= bench(module, batch, img_size, args.steps, args.warmup, compile_model, device)
+        timing = (batch, img_size, args.steps, args.warmup, compile_model, device, args.compile_backend)
+        result |= bench(module, *timing, profile=args.profile is not None)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         peak = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
         result["matmul_peak_tflops"] = round(peak, 2)
         result["utilization"] = round(result["tflops_achieved"] / peak, 3)
         if args.compare == "hf":
-            from maelab.bench_hf import bench_hf
+            from maelab.bench_hf import bench_hf, speedup
 
-            hf = bench_hf(module, batch, img_size, args.steps, args.warmup, compile_model, device)
-            result["hf"] = hf
-            if "img_per_s" in hf:
-                result["speedup_vs_hf"] = round(result["img_per_s"] / hf["img_per_s"], 2)
+            result["hf"] = bench_hf(module, *timing)
+            result |= speedup(result)
     except (UserError, HydraException) as e:  # a bad override or experiment name: Hydra's message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    profile = result.pop("profile", None)
+    if args.target is not None:
+        result["target_img_per_s"] = args.target
+        result["target_met"] = result["img_per_s"] >= args.target
+    if profile is not None and not result.get("target_met", False):
+        write_profile(args.profile, result, " ".join(args.overrides), profile)
+        result["profile"] = str(args.profile)
     print(json.dumps(result))
     return 0
+
+
+def write_profile(path: Path, result: dict, overrides: str, table: str) -> None:
+    """Appends one workload's profiler table to ``path``, under a heading that names it."""
+    target = f", target {result['target_img_per_s']:g}" if "target_img_per_s" in result else ""
+    heading = f"== maelab bench {overrides}: {result['img_per_s']:g} img/s{target} on {result['device']}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"{heading}\n{table}\n\n")
 
 
 def device_name(device: torch.device) -> str:

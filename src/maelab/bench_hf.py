@@ -29,24 +29,52 @@ def hf_config(model, mask_ratio: float, norm_pix: bool):
     )
 
 
-def bench_hf(module, batch: int, img_size: int, steps: int, warmup: int, compile_model: bool, device) -> dict:
+def bench_hf(
+    module, batch: int, img_size: int, steps: int, warmup: int, compile_model: bool, device, backend: str = "inductor"
+) -> dict:
+    """HF's step eagerly and, when maelab's is compiled, compiled with the same backend:
+    ``{"eager": {...}, "compiled": {...}}``."""
     try:
         from transformers import ViTMAEForPreTraining
     except ImportError:
         return {"skipped": "transformers is not installed (pip install transformers)"}
+    from maelab.bench import compile_or_explain
+
     norm_pix = type(module.model.target).__name__ == "NormPixelTarget"
     model = ViTMAEForPreTraining(hf_config(module.model, module.mask_ratio, norm_pix)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     pixels = torch.randn(batch, 3, img_size, img_size, device=device)
-    forward = torch.compile(model) if compile_model else model
     bf16 = device.type == "cuda"
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(pixel_values=pixels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def timed(forward) -> dict:
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = forward(pixel_values=pixels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    seconds = time_steps(step, device, steps, warmup)
-    return {"img_per_s": round(batch / seconds, 1), "step_ms": round(seconds * 1e3, 2), "compiled": compile_model}
+        seconds = time_steps(step, device, steps, warmup)
+        return {"img_per_s": round(batch / seconds, 1), "step_ms": round(seconds * 1e3, 2)}
+
+    results = {"eager": timed(model)}
+    if compile_model:
+        compiled, why = compile_or_explain(model, backend)
+        try:
+            results["compiled"] = {**timed(compiled), "compile_backend": backend} if why is None else {"failed": why}
+        except Exception as e:  # noqa: BLE001  (a model this torch cannot compile: say so, keep the eager figure)
+            results["compiled"] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    return results
+
+
+def speedup(result: dict) -> dict:
+    """maelab's img/s over HF's under the same settings (compiled when maelab was), and over
+    HF eager."""
+    hf = result["hf"]
+    same = hf.get("compiled" if result["compiled"] else "eager", {})
+    ratios = {}
+    if "img_per_s" in same:
+        ratios["speedup_vs_hf"] = round(result["img_per_s"] / same["img_per_s"], 2)
+    if "img_per_s" in hf.get("eager", {}):
+        ratios["speedup_vs_hf_eager"] = round(result["img_per_s"] / hf["eager"]["img_per_s"], 2)
+    return ratios

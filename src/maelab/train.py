@@ -286,6 +286,7 @@ def run(cfg: DictConfig) -> dict:
         "test": test,  # the final weights on the test split, when it is not the validation split
         "skipped_images": skipped,  # unreadable files dropped under data.skip_bad_images, all ranks
         "train/img_per_s": throughput.steady_state if throughput else None,
+        "peak_memory_gb": throughput.peak_memory_gb if throughput else None,  # GPU: the most allocated, rank 0
         "wall_clock_s": round(wall_clock, 2),  # trainer.fit of this job alone
         # process start to these results (imports, data, compilation, the test pass included),
         # summed over every job that resumed this run

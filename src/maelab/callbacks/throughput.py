@@ -14,14 +14,17 @@ class Throughput(L.Callback):
     """Logs ``train/img_per_s`` (all ranks together) over windows of ``window`` steps. The device
     is synchronised once per window, and validation time never counts. ``steady_state`` is the
     median of all windows after the first epoch (compilation, caches and warm-up excluded).
-    Each window also writes a progress line to the Python log (train.log), which a batch job's
-    output keeps even where no progress bar is drawn."""
+    On a GPU each window also logs ``train/peak_memory_gb``, the most device memory allocated
+    so far (``peak_memory_gb`` keeps it for results.json). Each window also writes a progress
+    line to the Python log (train.log), which a batch job's output keeps even where no progress
+    bar is drawn."""
 
     def __init__(self, window: int = 20):
         self.window = window
         self.rates: list[tuple[int, float]] = []  # (epoch, img/s)
         self._t0: float | None = None
         self._images = 0
+        self.peak_memory_gb: float | None = None
 
     def _now(self, device: torch.device) -> float:
         if device.type == "cuda":
@@ -36,17 +39,23 @@ class Throughput(L.Callback):
             return
         rate = self._images / (self._now(pl_module.device) - self._t0)
         self.rates.append((trainer.current_epoch, rate))
+        metrics = {"train/img_per_s": rate}
+        if pl_module.device.type == "cuda":
+            self.peak_memory_gb = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            metrics["train/peak_memory_gb"] = self.peak_memory_gb
         for logger in trainer.loggers:
-            logger.log_metrics({"train/img_per_s": rate}, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
         loss = trainer.callback_metrics.get("train/loss")
         if not trainer.is_global_zero:
             return
+        memory = "" if self.peak_memory_gb is None else f", peak memory {self.peak_memory_gb:.2f} GB"
         log.info(
-            "epoch %d step %d: %.0f img/s, train/loss %s",
+            "epoch %d step %d: %.0f img/s, train/loss %s%s",
             trainer.current_epoch,
             trainer.global_step,
             rate,
             "-" if loss is None else f"{float(loss):.4f}",
+            memory,
         )
         self._t0 = None
 

@@ -21,6 +21,13 @@ def _patch_coordinates(grid_size: tuple[int, int], device) -> tuple[torch.Tensor
     return torch.arange(H, device=device).view(1, H, 1), torch.arange(W, device=device).view(1, 1, W)
 
 
+def _random(draw, *args, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    """``draw(*args, **kwargs)`` (torch.rand, torch.randint) from ``generator`` when one is given.
+    An explicit ``generator=None`` would stop torch.compile from tracing the draw with a symbolic
+    batch size, which it uses once a model has met two batch sizes."""
+    return draw(*args, **kwargs) if generator is None else draw(*args, generator=generator, **kwargs)
+
+
 def _masked_count(num_patches: int, mask_ratio: float) -> int:
     return num_patches - int(num_patches * (1 - mask_ratio))  # the complement of num_visible
 
@@ -40,7 +47,7 @@ class RandomMasking:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         num_patches = grid_size[0] * grid_size[1]
-        return torch.rand(batch_size, num_patches, device=device, generator=generator)  # (N, L)
+        return _random(torch.rand, batch_size, num_patches, device=device, generator=generator)  # (N, L)
 
     def __repr__(self) -> str:
         return "RandomMasking()"
@@ -70,7 +77,7 @@ class BlockMasking(RandomMasking):
         log_aspect = math.log(self.min_aspect)
 
         def uniform() -> torch.Tensor:
-            return torch.rand(batch_size, device=device, generator=generator)
+            return _random(torch.rand, batch_size, device=device, generator=generator)
 
         for _ in range(self.rounds):
             remaining = target - count
@@ -128,7 +135,7 @@ class GridMasking(RandomMasking):
     def noise(self, batch_size, grid_size, mask_ratio, device=None, generator=None) -> torch.Tensor:
         self.check(grid_size, mask_ratio)
         c = self.cell
-        corner = torch.randint(0, c * c, (batch_size, 1, 1), device=device, generator=generator)
+        corner = _random(torch.randint, 0, c * c, (batch_size, 1, 1), device=device, generator=generator)
         rows, cols = _patch_coordinates(grid_size, device)
         kept = (rows % c == corner // c) & (cols % c == corner % c)
         return super().noise(batch_size, grid_size, mask_ratio, device, generator) + (~kept).flatten(1)
