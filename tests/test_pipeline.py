@@ -3,6 +3,7 @@ the finetune stage reading the pretrain stage's checkpoint, timing and accuracy 
 resumption after a kill."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -276,3 +277,36 @@ def test_under_submitit_a_signal_makes_the_stage_save_and_stop_then_submitit_req
     seen = (tmp_path / "stage").read_text().split()  # the stage got SIGTERM, as a plain process
     assert "PATH" in seen and not any(k.startswith("SUBMITIT_") for k in seen)
     assert "MAELAB_IGNORE_SIGNAL" in seen  # the stage left submitit's USR2 to the pipeline
+
+
+def test_the_time_to_accuracy_script_runs_cifar10_fast_whole_on_the_cpu(cifar10_root, tmp_path):
+    # the GPU command of issue 15, rehearsed with tiny sizes: real JPEGs, both stages compiled, the
+    # figures, loss curve and reconstructions collected where the device tool brings them back
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RUN_DIR": str(run_dir),
+        "MAELAB_CIFAR10": str(cifar10_root),
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/time_to_accuracy.sh", "--cpu", "cifar10_fast", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == "cifar10_fast" and 0 <= summary["acc1"] <= 1
+    assert summary["wall_clock_s"] >= summary["pipeline_wall_clock_s"] > 0  # the script's clock starts first
+    pre, fine = summary["stages"]["pretrain"], summary["stages"]["finetune"]
+    assert pre["epochs"] == fine["epochs"] == 2 and pre["global_step"] == fine["global_step"] == 6
+    assert pre["last"]["val/knn_acc"] > 0.15  # the monitor ran over the 50,000 JPEGs; chance is 0.10
+    stage_configs = [json.loads((run_dir / s / "results.json").read_text())["config"] for s in ("pretrain", "finetune")]
+    assert [c["task"]["compile"] for c in stage_configs] == [True, True]  # the recipe as the GPU runs it
+    assert stage_configs[1]["task"]["pretrained"] == str(run_dir / "pretrain" / "checkpoints" / "last.ckpt")
+    assert "torch.compile failed" not in (out / "run.log").read_text()
+    for name in ("pretrain_loss.png", "reconstructions.png", "pretrain_metrics.csv", "finetune_metrics.csv"):
+        assert (out / name).stat().st_size > 100, name
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
