@@ -4,11 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from maelab.cli import config_dir
-from maelab.resolvers import register_resolvers
+from maelab.config import compose, register_resolvers
 
 register_resolvers()
 
@@ -29,11 +27,7 @@ def maelab(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """The config `maelab train OVERRIDES` would run, with its output directory fixed."""
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+    return compose(overrides, output_dir)
 
 
 # A seconds-scale pretraining run on synthetic data, for in-process and CLI tests.

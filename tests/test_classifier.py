@@ -6,13 +6,13 @@ import pytest
 import timm
 import torch
 
+from maelab.commands.export import export
 from maelab.errors import UserError
-from maelab.export import export
 from maelab.models.classifier import ViTClassifier
 from maelab.models.mae import MaskedAutoencoder
 from maelab.modules.optim import param_groups_layer_decay
-from maelab.pretrained import load_encoder, load_full
-from maelab.train import run
+from maelab.run.fit import run
+from maelab.weights.pretrained import load_encoder, load_full
 from tests.conftest import TINY, compose_config
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4)
@@ -137,6 +137,40 @@ def test_a_checkpoint_of_another_size_names_the_first_mismatched_key(tmp_path):
         load_encoder(ViTClassifier(10, **SMALL), path)
 
 
+@pytest.mark.parametrize(
+    "pool,batchnorm,frozen", [("avg", False, False), ("token", False, False), ("token", True, True)]
+)
+def test_timm_layer_decay_groups_are_the_ones_maelab_checkpoints_hold(pool, batchnorm, frozen):
+    # maelab grouped by hand before it used timm's helper; optimizer states in checkpoints follow
+    # the groups' order, so a run started before still resumes: same groups, params, scales, order
+    model = ViTClassifier(10, global_pool=pool, head_batchnorm=batchnorm, **SMALL)
+    if frozen:
+        for module in model.encoder_modules():
+            module.requires_grad_(False)
+        model.cls_token.requires_grad_(False)
+    depth = len(model.blocks)
+
+    def layer(name: str) -> int:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            return 0
+        return int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
+
+    before: dict = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decays = not (p.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed"))
+            group = before.setdefault((layer(name), decays), {"params": [], "weight_decay": 0.05 if decays else 0.0})
+            group["lr_scale"] = 0.75 ** (depth + 1 - layer(name))
+            group["params"].append(p)
+    expected = [before[key] for key in sorted(before)]
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in g["params"]] for g in expected]
+    for group, reference in zip(groups, expected, strict=True):
+        assert (group["lr_scale"], group["weight_decay"]) == pytest.approx(
+            (reference["lr_scale"], reference["weight_decay"])
+        )
+
+
 def test_layer_decay_scales_and_no_decay_sets():
     model = ViTClassifier(10, **SMALL)  # depth 3: layers 0..4
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
@@ -174,7 +208,7 @@ def test_loading_a_pretraining_checkpoint_gives_bit_identical_encoder_weights(pr
     cfg = compose_config(
         ["+experiment=finetune_vitt_cifar10", *TINY_CLASSIFIER, f"task.pretrained={pretrained}"], tmp_path
     )
-    from maelab.train import build
+    from maelab.run.build import build
 
     _, module, _ = build(cfg)
     module.load_initial_weights()  # what a fresh run does (a resumed one takes its own checkpoint)
@@ -208,7 +242,7 @@ def test_partial_fine_tuning_trains_only_the_last_blocks(tmp_path):
     cfg = compose_config(
         ["+experiment=scratch_vitt_cifar10", *TINY_CLASSIFIER, "model.depth=3", "task.trainable_blocks=1"], tmp_path
     )
-    from maelab.train import build
+    from maelab.run.build import build
 
     _, module, _ = build(cfg)
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}

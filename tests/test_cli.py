@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from maelab.cli import config_dir
+from maelab.config import config_dir
 from tests.conftest import maelab
 
-EXPERIMENTS = sorted(p.stem for p in Path(config_dir(), "experiment").glob("*.yaml"))
+EXPERIMENT_FILES = sorted(p.stem for p in Path(config_dir(), "experiment").glob("*.yaml"))
+EXPERIMENTS = [name for name in EXPERIMENT_FILES if not name.startswith("_")]  # _*.yaml: bases they share
 
 
 def test_quickstart_writes_checkpoint_reconstructions_and_results(tmp_path):
@@ -74,7 +75,7 @@ def test_help_lists_commands_and_config_groups(tmp_path):
         "target: hog, norm_pixel, pca, pixel",
         "masking: block, grid, random",
         "logger: csv, tensorboard, wandb",
-        "experiment: " + ", ".join(EXPERIMENTS),
+        "experiment: " + ", ".join(EXPERIMENT_FILES),
     ):
         assert group in train_help.stdout, train_help.stdout
     wrong = maelab("trian", cwd=tmp_path)
@@ -107,8 +108,8 @@ def test_a_multirun_of_ddp_jobs_keeps_each_job_and_its_workers_together(tmp_path
 def test_every_experiment_passes_the_checks_and_builds(tmp_path, experiment):
     import torch
 
-    from maelab.config_checks import validate
-    from maelab.train import build
+    from maelab.config.checks import validate
+    from maelab.run.build import build
     from tests.conftest import compose_config
 
     cfg = compose_config([f"+experiment={experiment}"], tmp_path)

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from maelab.errors import UserError
-from maelab.train import derive_accumulation
+from maelab.run.build import derive_accumulation
 from tests.conftest import REPO, maelab
 
 

@@ -90,7 +90,7 @@ PROBE = "+callbacks.probe._target_=tests.test_gpu.RunProbe"
 
 
 def test_compiled_bf16_pretraining_uses_fused_adamw_and_reports_peak_memory(gpu, tmp_path, caplog):
-    from maelab.train import run
+    from maelab.run.fit import run
 
     overrides = [*TINY, f"trainer.accelerator={accelerator(gpu)}", "task.compile=true", "trainer.max_epochs=2", PROBE]
     results = run(compose_config(overrides, tmp_path))
@@ -111,7 +111,7 @@ def test_compiled_bf16_pretraining_uses_fused_adamw_and_reports_peak_memory(gpu,
 
 
 def test_fine_tuning_with_mixup_and_cutmix_trains_on_the_device(gpu, tmp_path):
-    from maelab.train import run
+    from maelab.run.fit import run
 
     overrides = [
         "+experiment=scratch_vitt_cifar10",
@@ -135,7 +135,7 @@ def test_fine_tuning_with_mixup_and_cutmix_trains_on_the_device(gpu, tmp_path):
 
 def test_one_cifar10_epoch_gathers_its_batches_from_the_device(gpu, cifar10_root, tmp_path):
     from maelab.data.in_memory import IndexBatch
-    from maelab.train import build
+    from maelab.run.build import build
 
     on_gpu = gpu.type == "cuda"
     overrides = [

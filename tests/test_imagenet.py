@@ -11,7 +11,7 @@ from PIL import Image
 from maelab.data.files import read_rgb
 from maelab.data.imagenet import ImageFolderDataModule
 from maelab.errors import UserError
-from maelab.train import run
+from maelab.run.fit import run
 from tests.conftest import compose_config
 
 CLASSES = ["n01440764", "n01443537", "n01484850"]

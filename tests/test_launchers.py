@@ -117,7 +117,7 @@ def test_the_slurm_launcher_refuses_all_visible_gpus_and_a_swept_allocation(tmp_
     from omegaconf import OmegaConf
 
     from maelab.errors import UserError
-    from maelab.train import check_slurm_allocation
+    from maelab.run.slurm import check_slurm_allocation
 
     done = maelab("train", "-m", "+experiment=mae_vitb", "trainer=ddp", "hydra/launcher=slurm", cwd=tmp_path)
     assert done.returncode == 2

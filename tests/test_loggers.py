@@ -42,7 +42,7 @@ def test_each_sweep_job_is_its_own_wandb_run_with_metrics_config_and_images(tmp_
 def test_a_failed_run_closes_its_wandb_run_and_its_resume_continues_it(tmp_path, monkeypatch):
     import wandb
 
-    from maelab.train import run
+    from maelab.run.fit import run
 
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)

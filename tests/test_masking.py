@@ -8,7 +8,7 @@ import torch
 from maelab.errors import UserError
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.masking import BlockMasking, GridMasking, RandomMasking
-from maelab.train import run
+from maelab.run.fit import run
 from tests.conftest import TINY, compose_config
 
 GRID = (14, 14)  # ViT-B/16 at 224 px

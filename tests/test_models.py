@@ -8,7 +8,7 @@ import timm
 import torch
 import yaml
 
-from maelab.cli import config_dir
+from maelab.config import config_dir
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.patches import patchify, unpatchify
 from maelab.models.pos_embed import get_2d_sincos_pos_embed

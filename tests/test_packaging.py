@@ -44,7 +44,7 @@ def test_wheel_installs_and_runs_from_a_fresh_environment(tmp_path):
     where = sh(
         str(python),
         "-c",
-        "import maelab, maelab.cli; print(maelab.__file__); print(maelab.cli.config_dir())",
+        "import maelab, maelab.config; print(maelab.__file__); print(maelab.config.config_dir())",
         cwd=tmp_path,
     ).stdout.split()
     assert all(path.startswith(str(venv)) for path in where), where  # code and configs from the wheel

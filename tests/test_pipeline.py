@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from maelab.errors import UserError
-from maelab.pipeline import check_stages, forwarded, resuming
+from maelab.run.pipeline import check_stages, forwarded, resuming
 from tests.conftest import REPO, maelab
 
 # cifar10_fast shrunk to seconds: 4 classes of synthetic shapes (32 px, 16 patches), a 2-block
@@ -206,7 +206,7 @@ def test_a_mistake_in_a_stage_list_is_blamed_on_the_list(tmp_path):
 def test_a_stage_directory_reaches_hydra_unchanged(path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from maelab.pipeline import quoted
+    from maelab.run.pipeline import quoted
 
     override = OverridesParser.create().parse_override(f"hydra.run.dir={quoted(Path(path))}")
     assert override.value() == str(Path(path))
@@ -223,7 +223,7 @@ def test_resuming_a_pipeline_needs_its_directory_and_only_rank_0_refuses_one_in_
 
 
 def test_a_requeue_of_the_same_submitit_job_resumes_the_pipeline_and_another_job_is_refused(tmp_path, monkeypatch):
-    from maelab import requeue
+    from maelab.run import slurm as requeue
 
     cfg = OmegaConf.create({"ckpt_path": None})
     stages = OmegaConf.create({"pretrain": {"experiment": "quickstart"}})
@@ -240,13 +240,13 @@ def test_under_submitit_a_signal_makes_the_stage_save_and_stop_then_submitit_req
     import os
     import threading
 
-    from maelab.pipeline import run_child
+    from maelab.run.pipeline import run_child
 
     # a stand-in stage: starts as maelab's command line does, records its environment, and exits
     # 143 on SIGTERM as a maelab run does
     stage = (
         "import os, signal, sys, time\n"
-        "from maelab.requeue import ignore_signal_for_parent\n"
+        "from maelab.run.slurm import ignore_signal_for_parent\n"
         "ignore_signal_for_parent()\n"
         "def stop(*a):\n"
         f"    open({str(tmp_path / 'stage')!r}, 'w').write(' '.join(sorted(os.environ)))\n"

@@ -9,7 +9,7 @@ import torch
 from maelab.errors import UserError
 from maelab.models.patches import patchify
 from maelab.models.targets import HOGTarget, PCATarget
-from maelab.train import run
+from maelab.run.fit import run
 from tests.conftest import TINY, compose_config
 
 

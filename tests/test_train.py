@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from maelab import checkpoints
-from maelab.train import run
+from maelab.run.fit import run
+from maelab.weights import checkpoints
 from tests.conftest import REPO, TINY, compose_config, tiny_pretrain_module
 
 
@@ -67,11 +67,8 @@ class SignalAt(L.Callback):
     def __init__(self, step: int):
         self.step = step
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.before < trainer.global_step == self.step:  # just took that step (a resumed job starts past it)
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step + 1 == self.step:  # during that step (a resumed job starts past it)
             os.kill(os.getpid(), signal.SIGUSR2)
 
 
@@ -131,7 +128,7 @@ def test_a_preempted_job_saves_mid_epoch_and_its_requeued_job_resumes_bit_identi
 
 def test_under_submitit_only_a_requeue_of_the_same_job_resumes_on_its_own(tmp_path, monkeypatch):
     from maelab.errors import UserError
-    from maelab.train import resolve_ckpt_path
+    from maelab.run.fit import resolve_ckpt_path
 
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
@@ -409,8 +406,8 @@ def test_a_requeued_job_finishes_its_logger_runs_as_a_success(tmp_path):
 
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from maelab.callbacks.preemption import Preemption
-    from maelab.loggers import finish_loggers
+    from maelab.run.loggers import finish_loggers
+    from maelab.run.preemption import Preemption
 
     class Recorded(TensorBoardLogger):
         def finalize(self, status):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from maelab.cli import main
-from maelab.train import run
+from maelab.run.fit import run
 from tests.conftest import REPO, TINY, compose_config
 
 NOTEBOOK = REPO / "notebooks" / "visualize_reconstructions.ipynb"

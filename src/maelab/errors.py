@@ -1,4 +1,7 @@
-"""Errors a user can cause and fix: the CLI prints their message alone, no traceback."""
+"""Errors a user can cause and fix: the CLI prints their message alone, no traceback, and exits 2."""
+
+import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -7,3 +10,9 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     pass
+
+
+def fail(message: str) -> NoReturn:
+    """End a command on a user's mistake: ``error: MESSAGE`` on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)

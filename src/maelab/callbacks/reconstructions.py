@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from maelab.data.transforms import denormalize
-from maelab.loggers import log_image
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,17 @@ def reconstruction_grid(module: L.LightningModule, images: torch.Tensor, seed: i
     masked, reconstruction, original = reconstruct(module, images, module.mask_ratio, seed=seed)
     rows = torch.stack([masked, reconstruction, original], dim=1).flatten(0, 1)  # (3N, 3, H, W)
     return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+
+
+def log_image(trainer: L.Trainer, key: str, image: torch.Tensor, step: int) -> None:
+    """An image (3, H, W) in [0, 1] to every logger that shows images (W&B, TensorBoard)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key, [image], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, image, step)
 
 
 class ReconstructionGrid(L.Callback):

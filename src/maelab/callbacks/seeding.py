@@ -8,12 +8,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from maelab.data.samplers import rank_seed
+
 log = logging.getLogger(__name__)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """A well-mixed 32-bit seed for one rank, derived from the run seed."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def _bytes(state: torch.Tensor) -> bytes:

@@ -15,8 +15,7 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset
 
-from maelab.callbacks.seeding import rank_seed
-from maelab.data.samplers import EpochShuffleSampler, EvalShardSampler, replicas
+from maelab.data.samplers import EpochShuffleSampler, EvalShardSampler, rank_seed, replicas
 from maelab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ def available_cpus() -> int:
 
 
 class ShardedDataModule(L.LightningDataModule):
-    seed: int = 0  # the run seed, set by ``train.build``: the epoch permutations derive from it
+    run_seed: int = 0  # the run's seed (data.run_seed: ${seed}): epoch orders and sample augmentations derive from it
     batch_size: int
     _resume_position: tuple[int, int] | None = None
 
@@ -57,7 +56,7 @@ class ShardedDataModule(L.LightningDataModule):
                 f"rank(s) = {step_samples * world} images, more than the {len(dataset)} training images; "
                 "lower task.effective_batch_size or data.batch_size, or use more data"
             )
-        sampler = EpochShuffleSampler(dataset, world, rank, self.seed, shuffle, step_samples, with_epoch)
+        sampler = EpochShuffleSampler(dataset, world, rank, self.run_seed, shuffle, step_samples, with_epoch)
         if self._resume_position is not None:
             epoch, batches = self._resume_position
             sampler.resume_at(epoch, batches * self.batch_size)
@@ -76,9 +75,10 @@ class ShardedDataModule(L.LightningDataModule):
         """A DataLoader's own generator: creating an iterator draws its worker seed from here, not
         from the global stream, so resuming draws the same global random numbers as the run did."""
         _, rank = replicas(self)
-        return torch.Generator().manual_seed(rank_seed(self.seed, rank))
+        return torch.Generator().manual_seed(rank_seed(self.run_seed, rank))
 
     def eval_sampler(self, dataset: Dataset) -> EvalShardSampler:
+        """Every sample once over all ranks, in order, no padding (data/samplers.py says why)."""
         world, rank = replicas(self)
         return EvalShardSampler(dataset, world, rank)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maelab.atomic import write_atomically
 from maelab.data.files import list_image_folder, read_rgb
 from maelab.data.in_memory import InMemoryImageDataModule
 from maelab.errors import UserError
@@ -135,10 +136,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
 
     def _write_cache(self, cache: Path, data: dict) -> None:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save(data, tmp)
-            os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
+            write_atomically(cache, lambda f: torch.save(data, f))  # a crash never leaves a half-written cache
             for stale in cache.parent.glob(cache.name.rsplit("_", 1)[0] + "_*.pt"):
                 if stale != cache:
                     stale.unlink()  # the cache of an earlier state of the folder

@@ -109,8 +109,10 @@ class ImageFolderDataModule(ShardedDataModule):
         persistent_workers: bool = True,
         train_dir: str = "train",
         val_dir: str = "val",
+        run_seed: int = 0,
     ):
         super().__init__()
+        self.run_seed = run_seed
         self.root = Path(root).expanduser().absolute()
         self.train_root, self.val_root = self.root / train_dir, self.root / val_dir
         for split_dir in (self.train_root, self.val_root):
@@ -135,7 +137,7 @@ class ImageFolderDataModule(ShardedDataModule):
         self.skip_bad_images = skip_bad_images
         self.num_workers = num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
-        self.train_transform = None  # set by train.build from the augment config
+        self.train_transform = None  # set by run.build from the augment config
         self.files: dict[str, FileList] = {}
         self.skipped: dict[str, str] = {}  # path -> why it could not be read
 
@@ -165,7 +167,7 @@ class ImageFolderDataModule(ShardedDataModule):
         return T.Compose([T.Resize(resize, self.interpolation), T.CenterCrop(self.img_size), T.PILToTensor()])
 
     def _loader(self, split: str, transform, train: bool) -> DataLoader:
-        dataset = ImageFiles(self.files[split], transform, self.seed)
+        dataset = ImageFiles(self.files[split], transform, self.run_seed)
         workers = self.workers(cap=10)
         return DataLoader(
             dataset,

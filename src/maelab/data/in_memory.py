@@ -80,8 +80,10 @@ class InMemoryImageDataModule(ShardedDataModule):
         val_size: int = 0,
         split_seed: int = 0,
         num_workers: int | None = None,
+        run_seed: int = 0,
     ):
         super().__init__()
+        self.run_seed = run_seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.img_size = img_size
@@ -134,7 +136,7 @@ class InMemoryImageDataModule(ShardedDataModule):
                 drop_last=True,  # every step sees a full batch: the lr rule assumes it
                 collate_fn=partial(_collate, split="train"),
             )
-        dataset = _Transformed(images, labels, self.train_transform, self.seed)
+        dataset = _Transformed(images, labels, self.train_transform, self.run_seed)
         workers = self.workers(cap=8)
         return DataLoader(
             dataset,

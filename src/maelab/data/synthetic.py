@@ -66,13 +66,14 @@ def make_shapes(n: int, size: int, num_classes: int, seed: int) -> tuple[torch.T
 
 
 class SyntheticDataModule(InMemoryImageDataModule):
-    """Synthetic shapes held in memory; 'test' (and 'val' unless held out) is its own seeded draw."""
+    """Synthetic shapes held in memory; 'test' (and 'val' unless held out) is its own seeded draw.
+    ``seed`` (``data.seed``) draws the images; the run's seed (``run_seed``) only their order."""
 
     def __init__(self, num_train: int = 2048, num_test: int = 256, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.num_train, self.num_test, self.seed = num_train, num_test, seed
+        self.num_train, self.num_test, self.images_seed = num_train, num_test, seed
 
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.num_train if split == "train" else self.num_test
-        seed = self.seed if split == "train" else self.seed + 1
+        seed = self.images_seed if split == "train" else self.images_seed + 1
         return make_shapes(n, self.img_size, self.num_classes, seed)

@@ -59,14 +59,14 @@ class ViTClassifier(VisionTransformer):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(imgs))
 
-    def layer_id(self, name: str) -> int:
-        """Depth of a parameter for layer-wise lr decay: embeddings 0, block i at i + 1, the rest
-        (final norms, head) at depth + 1."""
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return len(self.blocks) + 1
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameters by depth, as timm's VisionTransformer declares them (timm's layer-wise lr
+        decay reads this): embeddings, then each block, then the final norms and the head."""
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "blocks": r"^blocks\.(\d+)",
+            "head": r"^norm|^fc_norm|^head",  # its own depth, as the official fine-tuning's layer decay
+        }
 
     def encoder_modules(self) -> list[nn.Module]:
         """Everything before the head's own normalisation, in order (the part a probe freezes)."""

@@ -14,7 +14,7 @@ from maelab.models.masking import RandomMasking
 from maelab.models.patches import patchify, unpatchify
 from maelab.models.pos_embed import get_2d_sincos_pos_embed
 from maelab.models.targets import NormPixelTarget
-from maelab.models.vit import LAYER_NORM_EPS, Block, VisionTransformer, init_linear_and_norm
+from maelab.models.vit import LAYER_NORM_EPS, VisionTransformer, init_linear_and_norm, transformer_block
 
 
 class MaskedAutoencoder(VisionTransformer):
@@ -44,7 +44,7 @@ class MaskedAutoencoder(VisionTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_width), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_width, decoder_heads, mlp_ratio) for _ in range(decoder_depth)
+            transformer_block(decoder_width, decoder_heads, mlp_ratio) for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_width, eps=LAYER_NORM_EPS)
         self.decoder_pred = nn.Linear(decoder_width, self.target.out_dim)  # sized by the target

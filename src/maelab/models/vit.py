@@ -1,4 +1,5 @@
-"""Vision Transformer encoder (Dosovitskiy et al. 2021) as MAE uses it.
+"""Vision Transformer encoder (Dosovitskiy et al. 2021) as MAE uses it, on timm's ``Block`` as the
+official ``models_mae.py`` is.
 
 Parameter names match timm's ``VisionTransformer`` and the official MAE checkpoints
 (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.norm1|attn.qkv|attn.proj|
@@ -6,13 +7,16 @@ norm2|mlp.fc1|mlp.fc2``, ``norm``), so released weights load without renaming. T
 embedding is the fixed 2-D sin-cos table, stored as a frozen parameter like the official code.
 """
 
+from functools import partial
+
 import torch
-import torch.nn.functional as F
+from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 from maelab.models.pos_embed import get_2d_sincos_pos_embed
 
 LAYER_NORM_EPS = 1e-6  # the official MAE and timm ViTs
+LayerNorm = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
 
 
 class PatchEmbed(nn.Module):
@@ -37,63 +41,11 @@ class PatchEmbed(nn.Module):
         return self.proj(imgs).flatten(2).transpose(1, 2)  # (N, L, D)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels where available
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (Huang et al. 2016); identity at eval or rate 0."""
-
-    def __init__(self, rate: float = 0.0):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rate == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)
-        return x * mask / keep
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+def transformer_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> nn.Module:
+    """timm's pre-norm transformer block, as the official MAE builds it: x + attn(norm1(x)), then
+    x + mlp(norm2(x)); fused qkv, attention through ``scaled_dot_product_attention`` (flash /
+    memory-efficient kernels where available), stochastic depth ``drop_path``."""
+    return TimmBlock(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path, norm_layer=LayerNorm)
 
 
 class VisionTransformer(nn.Module):
@@ -117,7 +69,7 @@ class VisionTransformer(nn.Module):
         num_positions = self.patch_embed.num_patches + 1
         self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim), requires_grad=False)
         rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # deeper blocks drop more
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.blocks = nn.ModuleList(transformer_block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self._init_encoder_weights()
 

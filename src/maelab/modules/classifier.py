@@ -7,6 +7,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from timm.loss import SoftTargetCrossEntropy
 from torchmetrics.classification import MulticlassAccuracy
 
 from maelab.data.transforms import model_input
@@ -67,6 +68,7 @@ class ClassifierModule(L.LightningModule):
         self.augment = instantiate(augment, size=img_size) if augment else None
         self.img_size, self.mean, self.std = img_size, list(mean), list(std)
         self.mixup = self._mixup(mixup, cutmix, label_smoothing, num_classes)
+        self.soft_target_loss = SoftTargetCrossEntropy()  # mixup's soft labels, label smoothing included
         self.metrics = torch.nn.ModuleDict(
             {
                 f"{split}_acc{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
@@ -79,7 +81,7 @@ class ClassifierModule(L.LightningModule):
         """The pretrained encoder, loaded by a fresh run (not in __init__: a resumed run or
         ``load_from_checkpoint`` takes every weight from its own checkpoint, not from this file)."""
         if self.hparams.pretrained:
-            from maelab.pretrained import load_encoder
+            from maelab.weights.pretrained import load_encoder
 
             load_encoder(self.model, self.hparams.pretrained)
 
@@ -128,7 +130,7 @@ class ClassifierModule(L.LightningModule):
         x = model_input(images, self.mean, self.std, self.img_size, self.augment)
         if self.mixup is not None:
             x, soft = self.mixup(x, labels)  # soft targets, label smoothing included
-            loss = torch.sum(-soft * F.log_softmax(self.training_forward(x), dim=-1), dim=-1).mean()
+            loss = self.soft_target_loss(self.training_forward(x), soft)
         else:
             loss = F.cross_entropy(self.training_forward(x), labels, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)

@@ -1,5 +1,6 @@
-"""Optimiser policy shared by every task: weight-decay groups, the paper's lr scaling rule, and
-linear warmup followed by a half-cycle cosine, stepped every optimizer step.
+"""Optimiser policy shared by every task: weight-decay and layer-decay groups (timm's), the
+paper's lr scaling rule, and linear warmup followed by a half-cycle cosine, stepped every
+optimizer step.
 
 One deliberate difference from the official pretraining code: there, timm's ``add_weight_decay``
 without a skip list decays the cls and mask tokens (3-D tensors); here they are not decayed, like
@@ -19,19 +20,13 @@ NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: not on biases, norms, tokens or position embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """timm's weight-decay groups: decay on weight matrices only, not on biases, norms, tokens or
+    position embeddings. Decayed group first, the order maelab's checkpoints hold optimizer
+    states in."""
+    from timm.optim import param_groups_weight_decay as timm_groups
+
+    groups = timm_groups(model, weight_decay, no_weight_decay_list=NO_DECAY_NAMES)
+    return sorted(groups, key=lambda group: group["weight_decay"] == 0)
 
 
 def effective_batch_size(trainer: L.Trainer, per_device_batch: int) -> int:
@@ -67,22 +62,18 @@ def schedule_steps(trainer: L.Trainer, warmup_epochs: float) -> tuple[int, int]:
 
 
 def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Weight-decay groups with layer-wise lr decay (BEiT; the official fine-tuning): a parameter
-    at depth ``layer_id`` (``model.layer_id``: embeddings 0, block i at i + 1, head depth + 1)
-    learns at ``layer_decay ** (depth + 1 - layer_id)`` times the lr."""
-    top = len(model.blocks) + 1
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = model.layer_id(name)
-        decays = not (p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES)
-        group = groups.setdefault(
-            (layer, decays),
-            {"params": [], "weight_decay": weight_decay if decays else 0.0, "lr_scale": layer_decay ** (top - layer)},
-        )
-        group["params"].append(p)
-    return [groups[key] for key in sorted(groups)]
+    """timm's layer-wise lr decay (BEiT; the official fine-tuning) over the depths the model's
+    ``group_matcher`` declares (embeddings 0, block i at i + 1, final norms and head at depth + 1):
+    a parameter at depth ``d`` learns at ``layer_decay ** (depth + 1 - d)`` times the lr, under
+    ``lr_scale``. Groups sorted by (depth, decayed), the order maelab's checkpoints hold
+    optimizer states in."""
+    from timm.models import group_parameters
+    from timm.optim import param_groups_layer_decay as timm_groups
+
+    groups = timm_groups(model, weight_decay, no_weight_decay_list=NO_DECAY_NAMES, layer_decay=layer_decay)
+    depth = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    names = {id(p): name for name, p in model.named_parameters()}
+    return sorted(groups, key=lambda g: (depth[names[id(g["params"][0])]], g["weight_decay"] > 0))
 
 
 def warmup_cosine_schedule(

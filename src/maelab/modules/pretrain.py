@@ -63,7 +63,7 @@ class PretrainModule(L.LightningModule):
         """``init_from``, loaded by a fresh run (not in __init__: a resumed run or
         ``load_from_checkpoint`` takes every weight from its own checkpoint)."""
         if self.hparams.init_from:
-            from maelab.pretrained import load_full
+            from maelab.weights.pretrained import load_full
 
             load_full(self.model, self.hparams.init_from)
 

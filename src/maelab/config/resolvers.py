@@ -37,16 +37,14 @@ def slurm_count(value, key):
 
     Hydra resolves the launcher in its own process, outside any maelab job and its error
     handling, so the refusal ends the command here with its message alone."""
-    import sys
+    from maelab.errors import fail
 
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    print(
-        f"error: hydra.launcher: {key}={value}: SLURM must be asked for a number of nodes and GPUs per node; set "
-        f"{key} to a positive integer, e.g. trainer=multinode trainer.num_nodes=1 trainer.devices=8",
-        file=sys.stderr,
+    fail(
+        f"hydra.launcher: {key}={value}: SLURM must be asked for a number of nodes and GPUs per node; set "
+        f"{key} to a positive integer, e.g. trainer=multinode trainer.num_nodes=1 trainer.devices=8"
     )
-    raise SystemExit(2)
 
 
 def register_resolvers() -> None:

@@ -6,7 +6,6 @@ reconstruction (visible patches pasted back), then the original. Column titles s
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -126,17 +125,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--scale", type=int, default=0, help="enlarge each image this many times; 0: to >= 96 px")
     parser.add_argument("--out", default="reconstructions.png")
     args = parser.parse_args(argv)
+    module = load_pretrain_module(args.ckpt)
+    images = load_images(args.images, args.num_images, module.img_size)
+    scale = args.scale or -(-96 // module.img_size)
     try:
-        module = load_pretrain_module(args.ckpt)
-        images = load_images(args.images, args.num_images, module.img_size)
-        scale = args.scale or -(-96 // module.img_size)
         grid, titles = figure(module, images, args.mask_ratio, args.masking, args.seed, scale)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except ValueError as e:  # the model refuses a mask ratio that leaves nothing visible
-        print(f"error: --mask-ratio: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"--mask-ratio: {e}") from None
     save_with_titles(grid, titles, args.out)
     print(f"wrote {args.out}: {len(images)} images x {len(titles)} columns ({', '.join(titles)})")
     return 0

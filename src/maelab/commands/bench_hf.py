@@ -5,7 +5,7 @@ has none; maelab's step includes its own)."""
 
 import torch
 
-from maelab.bench import time_steps
+from maelab.commands.timing import time_steps
 
 
 def hf_config(model, mask_ratio: float, norm_pix: bool):
@@ -30,7 +30,7 @@ def hf_config(model, mask_ratio: float, norm_pix: bool):
 
 
 def bench_hf(
-    module, batch: int, img_size: int, steps: int, warmup: int, compile_model: bool, device, backend: str = "inductor"
+    module, batch: int, img_size: int, steps: int, warmup: int, compile_model: bool, device, backend: str
 ) -> dict:
     """HF's step eagerly and, when maelab's is compiled, compiled with the same backend:
     ``{"eager": {...}, "compiled": {...}}``."""
@@ -38,7 +38,7 @@ def bench_hf(
         from transformers import ViTMAEForPreTraining
     except ImportError:
         return {"skipped": "transformers is not installed (pip install transformers)"}
-    from maelab.bench import compile_or_explain
+    from maelab.modules.compiling import compile_or_explain
 
     norm_pix = type(module.model.target).__name__ == "NormPixelTarget"
     model = ViTMAEForPreTraining(hf_config(module.model, module.mask_ratio, norm_pix)).to(device).train()

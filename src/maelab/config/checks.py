@@ -1,7 +1,10 @@
 """Checks of user-settable values, run before anything is built or trained.
 
 Each problem is reported as ``key=value: what is accepted``; all problems at once, then the run
-stops. Keys a task does not have are not checked, so one list serves every task.
+stops. Keys a task does not have are not checked, so one list serves every task. Values alone
+and relations between values are checked first, without importing anything heavy; then the
+contracts between the chosen parts (a callback and the datamodule or task it needs), which
+import their classes.
 """
 
 import logging
@@ -133,38 +136,79 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
 ]
 
 
-def _relations(get: Callable[[str], object]) -> list[str]:
-    """Checks between keys, once each key alone is valid."""
-    problems = []
+# Callbacks a run cannot do without: its bookkeeping (conf/callbacks/default.yaml).
+REQUIRED_CALLBACKS = {
+    "random_state": "each rank's random streams, carried through checkpoints so a resumed run is exact",
+    "metric_history": "results.json's best and last epochs",
+    "elapsed_time": "results.json's elapsed_s over every job of a resumed run",
+    "preemption": "saving last.ckpt when SLURM, submitit or kill sends its signal",
+}
+
+
+def _patch_problems(get: Callable[[str], object]) -> list[str]:
     img, patch = get("data.img_size"), get("model.patch_size")
-    if positive_int(img) and positive_int(patch):
-        if img % patch:
-            problems.append(
-                f"data.img_size={img}: must be divisible by model.patch_size={patch} "
-                f"(e.g. 32 px with patch 2 or 4, 224 px with patch 16 or 14)"
-            )
-        else:
-            num_patches = (img // patch) ** 2
-            ratio = get("task.mask_ratio")
-            if _is_num(ratio) and 0 < ratio < 1 and not 0 < int(num_patches * (1 - ratio)) < num_patches:
-                problems.append(
-                    f"task.mask_ratio={ratio}: keeps {int(num_patches * (1 - ratio))} of {num_patches} "
-                    f"patches; choose a ratio that keeps at least 1 and masks at least 1"
-                )
+    if not (positive_int(img) and positive_int(patch)):
+        return []
+    if img % patch:
+        return [
+            f"data.img_size={img}: must be divisible by model.patch_size={patch} "
+            f"(e.g. 32 px with patch 2 or 4, 224 px with patch 16 or 14)"
+        ]
+    num_patches, ratio = (img // patch) ** 2, get("task.mask_ratio")
+    if _is_num(ratio) and 0 < ratio < 1 and not 0 < int(num_patches * (1 - ratio)) < num_patches:
+        return [
+            f"task.mask_ratio={ratio}: keeps {int(num_patches * (1 - ratio))} of {num_patches} "
+            f"patches; choose a ratio that keeps at least 1 and masks at least 1"
+        ]
+    return []
+
+
+def _width_problems(get: Callable[[str], object]) -> list[str]:
+    problems = []
     for width_key, heads_key in (("model.embed_dim", "model.num_heads"), ("task.decoder_width", "task.decoder_heads")):
         width, heads = get(width_key), get(heads_key)
         if positive_int(width) and positive_int(heads) and width % heads:
             problems.append(f"{width_key}={width}: must be divisible by {heads_key}={heads}")
         if positive_int(width) and width % 4:
             problems.append(f"{width_key}={width}: must be divisible by 4 (2-D sin-cos position embedding)")
+    return problems
+
+
+def _file_problems(get: Callable[[str], object]) -> list[str]:
+    problems = []
+    resuming = get("ckpt_path") not in (None, _ABSENT)  # a resumed run does not read the file again
     for key in ("task.pretrained", "task.init_from"):
         path = get(key)
-        resuming = get("ckpt_path") not in (None, _ABSENT)  # a resumed run does not read the file again
         if isinstance(path, str) and not resuming and not Path(path).expanduser().is_file():
             problems.append(f"{key}={path}: no such file (relative paths start at {Path.cwd()})")
+    return problems
+
+
+def _task_problems(get: Callable[[str], object]) -> list[str]:
+    problems = []
     depth, trainable = get("model.depth"), get("task.trainable_blocks")
     if positive_int(depth) and _is_int(trainable) and trainable > depth:
         problems.append(f"task.trainable_blocks={trainable}: the encoder has only model.depth={depth} blocks")
+    if get("task.freeze_encoder") is True and _is_int(trainable):
+        problems.append(
+            f"task.trainable_blocks={trainable} with task.freeze_encoder=true: choose one "
+            "(a frozen encoder trains no blocks)"
+        )
+    mixing = any(_is_num(get(k)) and get(k) > 0 for k in ("task.mixup", "task.cutmix"))
+    batch = get("data.batch_size")
+    if mixing and positive_int(batch) and batch % 2:
+        problems.append(f"data.batch_size={batch}: mixup/cutmix pair images, so it must be even")
+    if get("trainer.max_epochs") == -1 and get("trainer.max_steps") == -1:
+        problems.append("trainer.max_epochs=-1 and trainer.max_steps=-1: set one of them to a positive number")
+    return problems
+
+
+def _callback_problems(get: Callable[[str], object]) -> list[str]:
+    problems = [
+        f"callbacks.{name}: always on ({why}); it cannot be removed"
+        for name, why in REQUIRED_CALLBACKS.items()
+        if get(f"callbacks.{name}") in (_ABSENT, None)
+    ]
     if get("callbacks.best_checkpoint") not in (_ABSENT, None) and get("data.val_size") == 0:
         problems.append(
             "callbacks.best_checkpoint: would choose an epoch on the test split (data.val_size=0 validates on "
@@ -177,31 +221,40 @@ def _relations(get: Callable[[str], object]) -> list[str]:
             f"callbacks.knn_monitor.every_n_epochs={knn}: the monitor runs with validation, so it must be a "
             f"multiple of trainer.check_val_every_n_epoch={val_every}"
         )
-    if get("task.freeze_encoder") is True and _is_int(trainable):
-        problems.append(
-            f"task.trainable_blocks={trainable} with task.freeze_encoder=true: choose one "
-            "(a frozen encoder trains no blocks)"
-        )
-    mixing = any(_is_num(get(k)) and get(k) > 0 for k in ("task.mixup", "task.cutmix"))
-    batch = get("data.batch_size")
-    if mixing and positive_int(batch) and batch % 2:
-        problems.append(f"data.batch_size={batch}: mixup/cutmix pair images, so it must be even")
-    classifier = str(get("task._target_")).endswith("ClassifierModule")
+    return problems
+
+
+def _contract_problems(get: Callable[[str], object]) -> list[str]:
+    """Callbacks that need a pretraining task or a datamodule with more than loaders
+    (``data/protocols.py``). Imports the classes the config names."""
+    from hydra.utils import get_class
+
+    from maelab.data.protocols import PreviewImages, SplitsOnDevice
+    from maelab.modules.pretrain import PretrainModule
+
+    def chosen(key: str):
+        target = get(f"{key}._target_")
+        return get_class(target) if isinstance(target, str) else None
+
+    task, data = chosen("task"), chosen("data")
+    problems = []
     for name in ("reconstructions", "knn_monitor"):
-        if classifier and get(f"callbacks.{name}") not in (_ABSENT, None):
+        if (
+            get(f"callbacks.{name}") not in (_ABSENT, None)
+            and task is not None
+            and not issubclass(task, PretrainModule)
+        ):
             problems.append(
                 f"callbacks.{name}: monitors MAE pretraining, and this task classifies; "
                 f"choose callbacks=classifier (the classifier experiments do) or drop it with ~callbacks.{name}"
             )
-    if get("callbacks.knn_monitor") not in (_ABSENT, None) and str(get("data._target_")).endswith(
-        "ImageFolderDataModule"
-    ):
-        problems.append(
-            "callbacks.knn_monitor: needs a dataset held in memory (cifar10, synthetic); an image folder would be "
-            "decoded whole at every check. Drop it with callbacks.knn_monitor=null (the ImageNet recipes do)"
-        )
-    if get("trainer.max_epochs") == -1 and get("trainer.max_steps") == -1:
-        problems.append("trainer.max_epochs=-1 and trainer.max_steps=-1: set one of them to a positive number")
+    needs = [("reconstructions", PreviewImages, "a fixed set of images to draw (preview_images)")]
+    needs += [("knn_monitor", SplitsOnDevice, "a dataset held in memory (cifar10, synthetic): an image folder "
+               "would be decoded whole at every check. Drop it with callbacks.knn_monitor=null (the ImageNet "
+               "recipes do)")]  # fmt: skip
+    for name, protocol, why in needs:
+        if get(f"callbacks.{name}") not in (_ABSENT, None) and data is not None and not issubclass(data, protocol):
+            problems.append(f"callbacks.{name}: needs {why}; {data.__name__} has none")
     return problems
 
 
@@ -212,6 +265,17 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
         return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
+    problems = _value_problems(cfg, get)
+    for relation in (_patch_problems, _width_problems, _file_problems, _task_problems, _callback_problems):
+        problems += relation(get)  # each relation checks only keys that are valid alone
+    if not problems:
+        problems = _contract_problems(get)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    _warn_about_recipes(get)
+
+
+def _value_problems(cfg: DictConfig, get: Callable[[str], object]) -> list[str]:
     problems = []
     for key, accepts, accepted in RULES:
         parent, _, leaf = key.rpartition(".")
@@ -222,16 +286,24 @@ def validate(cfg: DictConfig) -> None:
         value = get(key)
         if value is not _ABSENT and not accepts(value):
             problems.append(f"{key}={value!r}: expected {accepted}")
-    problems += _relations(get)  # each relation checks only keys that are valid alone
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    if get("task.mixup") not in (_ABSENT, None) and not str(get("augment._target_")).endswith("TimmTrainTransform"):
-        if get("task.pretrained") not in (_ABSENT, None) and get("task.freeze_encoder") is False:
-            log.warning(
-                "fine-tuning without RandAugment and random erasing (augment=%s): the official recipe "
-                "uses augment=randaug (randaug_cifar for 32 px)",
-                get("augment._target_") if get("augment._target_") is not _ABSENT else "none",
-            )
+    return problems
+
+
+def _warn_about_recipes(get: Callable[[str], object]) -> None:
+    """Legal settings that are probably not what was meant."""
+    from hydra.utils import get_class
+
+    from maelab.data.timm_augment import TimmTrainTransform
+
+    augment = get("augment._target_")
+    randaug = isinstance(augment, str) and issubclass(get_class(augment), TimmTrainTransform)
+    fine_tuning = get("task.pretrained") not in (_ABSENT, None) and get("task.freeze_encoder") is False
+    if get("task.mixup") not in (_ABSENT, None) and not randaug and fine_tuning:
+        log.warning(
+            "fine-tuning without RandAugment and random erasing (augment=%s): the official recipe "
+            "uses augment=randaug (randaug_cifar for 32 px)",
+            augment if augment is not _ABSENT else "none",
+        )
     warmup, epochs = get("task.warmup_epochs"), get("trainer.max_epochs")
     if non_negative(warmup) and positive_int(epochs) and warmup >= epochs:
         log.warning(

@@ -1,15 +1,17 @@
 """Checkpoint files: written so that a crash mid-write never destroys the last good one."""
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from maelab.atomic import write_atomically
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temporary file beside the target, fsync, then ``os.replace``.
+    """``torch.save`` through ``write_atomically``: a temporary file beside the target, fsync,
+    then a rename.
 
     Lightning's own writer stages the file in the system temp folder and moves it into place;
     when that folder is on another filesystem than the run (a node-local /tmp, a shared
@@ -17,19 +19,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     it leaves neither the old file nor the new one. A rename within one folder is atomic."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
         if "://" in str(path):  # remote storage: Lightning's fsspec writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

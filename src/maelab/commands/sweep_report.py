@@ -33,15 +33,20 @@ def read_jobs(sweep_dir: Path) -> list[dict]:
     for job_dir in job_dirs:
         if any(other in job_dir.parents for other in job_dirs):
             continue  # a stage of a pipeline job, which that job's results.json sums up
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        # key=value, +key=value, ~key (removed): the key as written, its value or "(removed)"
-        overrides = dict(
-            o.split("=", 1) if "=" in o else (o, "(removed)") for o in yaml.safe_load(overrides_file.read_text()) or []
-        )
+        overrides = override_values(yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or [])
         results_file = job_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.is_file() else None
         jobs.append({"dir": job_dir, "overrides": overrides, "results": results})
     return sorted(jobs, key=lambda j: _job_order(j["dir"], sweep_dir))
+
+
+def override_values(lines: list[str]) -> dict[str, str]:
+    """A job's overrides as {key: value as written}; a removed key (``~key``) reads "(removed)"."""
+    from maelab.config.overrides import parse_overrides
+
+    return {
+        o.key_or_group: "(removed)" if o.is_delete() else o.get_value_element_as_str() for o in parse_overrides(lines)
+    }
 
 
 def _job_order(job_dir: Path, sweep_dir: Path):

@@ -4,7 +4,6 @@ import csv
 import uuid
 from pathlib import Path
 
-import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -94,22 +93,22 @@ def _naming_overrides() -> list[str]:
     """The job's command-line overrides; in a multirun only those of the swept keys (what tells the
     sweep's runs apart), read from the sweep's ``multirun.yaml`` and ``hydra.sweeper.params``."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
     from omegaconf import OmegaConf
+
+    from maelab.config.overrides import parse_overrides
 
     if not HydraConfig.initialized():
         return []
     hydra = HydraConfig.get()
-    parser = OverridesParser.create()
-    job = parser.parse_overrides(list(hydra.overrides.task))
+    job = parse_overrides(hydra.overrides.task)
     if hydra.mode != RunMode.MULTIRUN:
         return [o.input_line for o in job]
     swept = set((hydra.sweeper.get("params") or {}).keys())
     multirun = Path(hydra.sweep.dir) / "multirun.yaml"
     if multirun.is_file():
         launched = OmegaConf.load(multirun).hydra.overrides.task
-        swept |= {o.key_or_group for o in parser.parse_overrides(list(launched)) if o.is_sweep_override()}
+        swept |= {o.key_or_group for o in parse_overrides(launched) if o.is_sweep_override()}
     return [o.input_line for o in job if o.key_or_group in swept]
 
 
@@ -134,19 +133,10 @@ def _run_id(output_dir: Path) -> str | None:
     return run_id
 
 
-def log_image(trainer, key: str, image: torch.Tensor, step: int) -> None:
-    """An image (3, H, W) in [0, 1] to every logger that shows images (W&B, TensorBoard)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key, [image], step=step)
-        elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, image, step)
-
-
 def finish_loggers(trainer, error: BaseException | None) -> None:
     """Closes each logger's run when a job ends, also when it fails: W&B marks the run failed
     (or finished for a preemption's clean exit) instead of leaving it open for the next job."""
-    from maelab.callbacks.preemption import Preemption
+    from maelab.run.preemption import Preemption
 
     requeued = any(isinstance(c, Preemption) and c.handed_over for c in trainer.callbacks) if trainer else False
     # submitit's handler exits with -1 after requeueing: the run continues in the next job

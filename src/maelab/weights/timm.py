@@ -1,19 +1,18 @@
-"""``maelab export CKPT OUT``: the encoder (and head) of a maelab or official MAE checkpoint as a
-state dict that timm's ``VisionTransformer`` loads with ``strict=True``, plus ``OUT.json`` with
-the ``timm.create_model`` arguments that fit it.
+"""The timm layout: the encoder (and head) of a maelab or official MAE checkpoint as a state dict
+that timm's ``VisionTransformer`` loads with ``strict=True``, plus ``OUT.json`` with the
+``timm.create_model`` arguments that fit it (``maelab export``).
 
 timm's layout: with ``global_pool='token'`` the final LayerNorm is ``norm`` and ``fc_norm`` is
 absent; with ``'avg'`` it is the other way round. A linear probe's BatchNorm head (running
 statistics, no affine) is folded into the linear layer, which computes the same logits."""
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from maelab.errors import UserError
-from maelab.pretrained import read_state_dict
+from maelab.weights.pretrained import read_state_dict
 
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # the named ViT sizes
@@ -102,30 +101,3 @@ def export(ckpt: str, out: str, global_pool: str | None = None, num_heads: int |
     meta = {"timm_model": name, "kwargs": kwargs, "source": f"{ckpt} ({kind})"}
     out_path.with_name(out_path.name + ".json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="maelab export",
-        description="Write the encoder (and head) of a maelab .ckpt or an official MAE .pth as a timm "
-        "VisionTransformer state dict, and OUT.json with the timm.create_model arguments.",
-    )
-    parser.add_argument("ckpt", help="a maelab checkpoint (last.ckpt) or an official MAE .pth")
-    parser.add_argument("out", help="the state dict to write (e.g. vit_t2_cifar10.pth)")
-    parser.add_argument("--global-pool", choices=("avg", "token"), help="default: the classifier's own, else token")
-    parser.add_argument("--num-heads", type=int, help="for official files of a width other than the named sizes")
-    args = parser.parse_args(argv)
-    try:
-        meta = export(args.ckpt, args.out, args.global_pool, args.num_heads)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in meta["kwargs"].items())
-    if meta["kwargs"]["global_pool"] == "avg" and meta["kwargs"]["num_classes"] == 0:
-        print("note: fc_norm (after pooling) takes the encoder's final norm: a start for fine-tuning")
-    print(f"wrote {args.out}; load it with:")
-    print(f"  model = timm.create_model({meta['timm_model']!r}, pretrained=False, {kwargs})")
-    print(f"  model.load_state_dict(torch.load({args.out!r}))")
-    return 0

@@ -34,7 +34,7 @@ from pathlib import Path
 import lightning as L
 
 from maelab.callbacks.last_checkpoint import LastCheckpoint
-from maelab.requeue import OWNER_FILE, hand_over_to_submitit, submitit_job_id, submitit_signal, under_submitit
+from maelab.run.slurm import OWNER_FILE, hand_over_to_submitit, submitit_job_id, submitit_signal, under_submitit
 
 log = logging.getLogger(__name__)
 

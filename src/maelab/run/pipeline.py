@@ -38,7 +38,7 @@ OWN_KEYS = {"experiment", "stages", "ckpt_path", "name", "hydra", "paths", "swee
 
 
 def experiments() -> list[str]:
-    from maelab.cli import config_dir
+    from maelab.config import config_dir
 
     return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
@@ -64,11 +64,9 @@ def check_stages(stages: DictConfig) -> None:
 
 def forwarded(overrides: list[str]) -> list[str]:
     """Of the pipeline's command-line overrides, those that every stage takes."""
+    from maelab.config.overrides import parse_overrides, root_key
 
-    def root_key(override: str) -> str:  # "~stages.a" -> stages, "hydra/launcher=x" -> hydra
-        return override.split("=", 1)[0].lstrip("~+").split(".", 1)[0].split("/", 1)[0]
-
-    return [o for o in overrides if root_key(o) not in OWN_KEYS]
+    return [o.input_line for o in parse_overrides(overrides) if root_key(o) not in OWN_KEYS]
 
 
 def forwarded_overrides() -> list[str]:
@@ -95,11 +93,11 @@ def stage_overrides(stage: DictConfig, forwarded: list[str], pretrained: Path | 
 def check_composes(stages: DictConfig, forwarded: list[str]) -> None:
     """Compose every stage's config before any runs, so that an override one stage cannot take
     fails now, not after the stages before it have trained."""
-    from hydra import compose
+    from maelab.config import compose
 
     def error(overrides: list[str]) -> str | None:
         try:
-            compose("train", overrides=overrides)
+            compose(overrides)
         except Exception as e:  # noqa: BLE001  (Hydra's override and config errors)
             return str(e).splitlines()[0]
         return None
@@ -125,7 +123,7 @@ def child_environment() -> dict[str, str]:
     stage that believed itself a submitit job would hand a preemption to a handler it lacks).
     SLURM sends submitit's signal to the stage too: the stage ignores it, and the pipeline passes
     it on as the SIGTERM on which a plain run saves and stops."""
-    from maelab.requeue import IGNORE_SIGNAL_VARIABLE, submitit_signal, under_submitit
+    from maelab.run.slurm import IGNORE_SIGNAL_VARIABLE, submitit_signal, under_submitit
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}
     if under_submitit():
@@ -138,7 +136,7 @@ def run_child(command: list[str]) -> int:
     SIGTERM, on which the stage saves last.ckpt at its next step and stops. Then, under submitit,
     this process hands over to submitit's handler, which requeues the pipeline (its requeue
     resumes, see ``resuming``); otherwise it stops with 128 + the signal, as the stage did."""
-    from maelab.requeue import hand_over_to_submitit, submitit_signal, under_submitit
+    from maelab.run.slurm import hand_over_to_submitit, submitit_signal, under_submitit
 
     received: list[int] = []
     child: subprocess.Popen | None = None
@@ -198,7 +196,7 @@ def resuming(cfg: DictConfig, output_dir: Path, stages: DictConfig, rank: int = 
     """ckpt_path=last resumes; so does a requeue of the submitit job that started this pipeline
     (its command is the first one, without ckpt_path=last). Otherwise a directory that already
     holds stages is refused rather than trained over."""
-    from maelab.requeue import submitit_job_id
+    from maelab.run.slurm import submitit_job_id
 
     if cfg.get("ckpt_path") not in (None, "last"):
         raise UserError(f"ckpt_path={cfg.ckpt_path}: a pipeline resumes its own stages; pass null or last")
@@ -235,7 +233,10 @@ def wait_for(path: Path, seconds: float) -> bool:
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
-    from maelab.train import write_json
+    """Run the stages in order (each a ``maelab train`` process), then write the pipeline's
+    results.json: the last stage's test top-1 and the wall-clock."""
+    from maelab.atomic import write_text_atomically
+    from maelab.run.fit import json_text
 
     stages = cfg.stages
     check_stages(stages)
@@ -245,51 +246,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
     check_composes(stages, forwarded)
     rank = int(os.environ.get("SLURM_PROCID", "0"))
     resume = resuming(cfg, output_dir, stages, rank)
-
-    results: dict[str, dict] = {}
-    ran_all = True  # every stage ran whole in this command
-    previous: dict[str, Path] = {}
-    for name, stage in stages.items():
-        stage_dir = output_dir / name
-        done = stage_dir / "results.json"
-        pretrained = previous[stage.pretrained] if stage.get("pretrained") else None
-        if done.is_file() and resume:
-            log.info("stage %s: finished earlier (%s)", name, done)
-            ran_all = False
-        else:
-            started = (stage_dir / "checkpoints" / "last.ckpt").is_file()
-            ran_all &= not started
-            command = [sys.executable, "-m", "maelab", "train", *stage_overrides(stage, forwarded, pretrained)]
-            command += [f"hydra.run.dir={quoted(stage_dir)}", f"ckpt_path={'last' if started else 'null'}"]
-            log.info("stage %s: %s", name, " ".join(command[1:]))
-            rc = run_child(command)
-            if rc != 0 or not (done.is_file() or (rank > 0 and wait_for(done, 600))):
-                where = f"; its log: {stage_dir / 'train.log'}" if (stage_dir / "train.log").is_file() else ""
-                raise UserError(
-                    f"stage {name} stopped (exit {rc}) without results{where}. Once the cause is fixed, "
-                    f"resume the pipeline with hydra.run.dir={output_dir} ckpt_path=last"
-                )
-        results[name] = json.loads(done.read_text())
-        previous[name] = Path(results[name]["last_checkpoint"])
-
-    last = results[list(stages)[-1]]
-    accuracy, measured = final_accuracy(last)
-    stage_time = sum(r["elapsed_s"] for r in results.values())
-    summary = {
-        "name": cfg.name,
-        "output_dir": str(output_dir),
-        "acc1": accuracy,
-        "acc1_measured": measured,
-        # this command, start to end, when it ran every stage itself; after a resume, the stages'
-        # own elapsed_s summed (each job's time up to its last checkpoint)
-        "wall_clock_s": round(time.monotonic() - start, 2) if ran_all else round(stage_time, 2),
-        "wall_clock_measured": "this command" if ran_all else "sum of the stages' elapsed_s (resumed)",
-        "stages_elapsed_s": round(stage_time, 2),
-        "stages": {name: stage_summary(r) for name, r in results.items()},
-        "stage_config": {"stages": OmegaConf.to_container(stages), "overrides": forwarded},
-    }
+    results, ran_all = run_stages(stages, forwarded, output_dir, resume, rank)
+    summary = pipeline_results(cfg, output_dir, stages, forwarded, results, start if ran_all else None)
     if rank == 0:
-        write_json(output_dir / "results.json", summary)
+        write_text_atomically(output_dir / "results.json", json_text(summary))
+    accuracy = summary["acc1"]
     log.info(
         "%s: %s in %.0f s (%s)",
         cfg.name,
@@ -298,3 +259,63 @@ def run_pipeline(cfg: DictConfig) -> dict:
         ", ".join(f"{n} {r['elapsed_s']:.0f} s" for n, r in results.items()),
     )
     return summary
+
+
+def run_stages(
+    stages: DictConfig, forwarded: list[str], output_dir: Path, resume: bool, rank: int
+) -> tuple[dict[str, dict], bool]:
+    """Each stage's results.json, running those not finished; and whether this command ran every
+    stage whole (its wall-clock is then the pipeline's)."""
+    results: dict[str, dict] = {}
+    ran_all = True
+    previous: dict[str, Path] = {}
+    for name, stage in stages.items():
+        stage_dir = output_dir / name
+        done = stage_dir / "results.json"
+        if done.is_file() and resume:
+            log.info("stage %s: finished earlier (%s)", name, done)
+            ran_all = False
+        else:
+            started = (stage_dir / "checkpoints" / "last.ckpt").is_file()
+            ran_all &= not started
+            pretrained = previous[stage.pretrained] if stage.get("pretrained") else None
+            run_stage(name, stage_overrides(stage, forwarded, pretrained), stage_dir, started, output_dir, rank)
+        results[name] = json.loads(done.read_text())
+        previous[name] = Path(results[name]["last_checkpoint"])
+    return results, ran_all
+
+
+def run_stage(name: str, overrides: list[str], stage_dir: Path, started: bool, output_dir: Path, rank: int) -> None:
+    """One stage as its own process, continuing its last.ckpt if it has one."""
+    command = [sys.executable, "-m", "maelab", "train", *overrides]
+    command += [f"hydra.run.dir={quoted(stage_dir)}", f"ckpt_path={'last' if started else 'null'}"]
+    log.info("stage %s: %s", name, " ".join(command[1:]))
+    rc = run_child(command)
+    done = stage_dir / "results.json"
+    if rc != 0 or not (done.is_file() or (rank > 0 and wait_for(done, 600))):
+        where = f"; its log: {stage_dir / 'train.log'}" if (stage_dir / "train.log").is_file() else ""
+        raise UserError(
+            f"stage {name} stopped (exit {rc}) without results{where}. Once the cause is fixed, "
+            f"resume the pipeline with hydra.run.dir={output_dir} ckpt_path=last"
+        )
+
+
+def pipeline_results(
+    cfg: DictConfig, output_dir: Path, stages: DictConfig, forwarded: list[str], results: dict, start: float | None
+) -> dict:
+    """The pipeline's results.json. ``start``: this command's start when it ran every stage whole;
+    after a resume the wall-clock is the stages' own elapsed_s summed (each job's time up to its
+    last checkpoint)."""
+    accuracy, measured = final_accuracy(results[list(stages)[-1]])
+    stage_time = sum(r["elapsed_s"] for r in results.values())
+    return {
+        "name": cfg.name,
+        "output_dir": str(output_dir),
+        "acc1": accuracy,
+        "acc1_measured": measured,
+        "wall_clock_s": round(time.monotonic() - start, 2) if start is not None else round(stage_time, 2),
+        "wall_clock_measured": "this command" if start is not None else "sum of the stages' elapsed_s (resumed)",
+        "stages_elapsed_s": round(stage_time, 2),
+        "stages": {name: stage_summary(r) for name, r in results.items()},
+        "stage_config": {"stages": OmegaConf.to_container(stages), "overrides": forwarded},
+    }

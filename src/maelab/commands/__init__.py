@@ -1,0 +1,2 @@
+"""One module per ``maelab <command>``, each with ``main(argv) -> exit status`` (``train`` hands
+its arguments to Hydra)."""

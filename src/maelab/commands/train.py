@@ -1,0 +1,101 @@
+"""``maelab train [overrides]``: a Hydra app whose job is ``run.fit.run`` (or a pipeline's stages).
+
+``hydra.main`` parses ``sys.argv`` itself, which holds the command word. We parse our own
+argument list and leave ``sys.argv`` whole, because Lightning re-launches DDP workers with
+``sys.argv`` and they must run ``maelab train ...`` again. ``_run_hydra`` is what ``hydra.main``
+calls; hydra-core is pinned to 1.3 for it.
+"""
+
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+import maelab
+from maelab.errors import UserError, fail
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def main(args: list[str]) -> int:
+    from hydra import version
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    from maelab.config import config_dir, register_resolvers
+
+    version.setbase("1.3")
+    register_resolvers()
+    parser = get_args_parser()
+    parser.prog = "maelab train"
+    _run_hydra(
+        args=parser.parse_args(args),
+        args_parser=parser,
+        task_function=task_function,
+        config_path=str(config_dir()),
+        config_name="train",
+    )
+    return 0
+
+
+def task_function(cfg: "DictConfig") -> None:
+    """What Hydra runs for each job; a user's mistake ends it with its message alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from maelab.run.slurm import log_file_per_slurm_task
+
+    maelab.start_job()
+    if "experiment" not in HydraConfig.get().runtime.choices:
+        log.warning("no +experiment=NAME given: running the root defaults (conf/train.yaml)")
+    pin_ddp_relaunch_to_this_job()
+    log_file_per_slurm_task()
+    try:
+        run_job(cfg)
+    except Exception as e:  # noqa: BLE001  (a user's mistake, however Hydra or OmegaConf wrapped it)
+        message = user_message(e)
+        if message is None:
+            raise
+        fail(message)
+
+
+def run_job(cfg: "DictConfig") -> None:
+    from maelab.run.fit import run
+    from maelab.run.pipeline import run_pipeline
+
+    run_pipeline(cfg) if cfg.get("stages") else run(cfg)
+
+
+def user_message(error: Exception) -> str | None:
+    """The message of a user's mistake inside ``error``: a UserError, one a constructor raised
+    under Hydra's instantiate, or one a maelab resolver raised (``${heads:...}``); else None."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import InterpolationResolutionError
+
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, InstantiationException):  # Hydra wraps the constructor's error
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        return None if cause is None else str(cause)
+    prefix = "UserError raised while resolving interpolation: "  # OmegaConf keeps only the message
+    if isinstance(error, InterpolationResolutionError) and str(error).startswith(prefix):
+        return f"{error.full_key}: {str(error).splitlines()[0][len(prefix) :]}"
+    return None
+
+
+def pin_ddp_relaunch_to_this_job() -> None:
+    """Lightning re-launches DDP workers with ``sys.argv`` plus ``hydra.run.dir``. In a multirun
+    job those name the whole sweep and the single-run directory, so each worker would run the
+    sweep again elsewhere; make them name this job's overrides and directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [*sys.argv[:2], *hydra_cfg.overrides.task]  # program, "train", this job's overrides
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
