@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from maelab.callbacks.reconstructions import reconstruction_grid
-from tests.conftest import TINY, compose_config, tiny_pretrain_module
-from tests.test_classifier import TINY_CLASSIFIER
+from tests.conftest import TINY, TINY_CLASSIFIER, compose_config, tiny_pretrain_module
 
 pytestmark = pytest.mark.gpu
 

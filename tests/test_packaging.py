@@ -6,6 +6,8 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -15,6 +17,7 @@ def sh(*args, **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_runs_from_a_fresh_environment(tmp_path):
     sh(
         sys.executable,

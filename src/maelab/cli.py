@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from maelab import __version__
-from maelab.errors import UserError
+from maelab.errors import UserError, report
 
 COMMANDS = {  # command -> (module under maelab.commands, what it does)
     "train": ("train", "pretrain, fine-tune or probe: a Hydra app (maelab train --help lists its config groups)"),
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command.main(parsed.args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ class ConfigError(UserError):
     pass
 
 
-def fail(message: str) -> NoReturn:
-    """End a command on a user's mistake: ``error: MESSAGE`` on stderr, exit status 2."""
+def report(message: object) -> int:
+    """A user's mistake as every command shows it: ``error: MESSAGE`` on stderr; returns the exit status, 2."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    return 2
+
+
+def fail(message: object) -> NoReturn:
+    """End the process on a user's mistake (where no caller is left to return a status to)."""
+    raise SystemExit(report(message))

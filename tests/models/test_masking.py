@@ -95,6 +95,7 @@ def test_a_pretraining_run_learns_with_structured_masks(masking, tmp_path):
     assert len(val) == 4 and val[-1] < val[0] - 0.05  # measured: 1.36 -> 1.28
 
 
+@pytest.mark.slow
 def test_the_command_line_names_an_impossible_grid_ratio_in_one_line(tmp_path):
     from tests.conftest import maelab
 
@@ -106,6 +107,7 @@ def test_the_command_line_names_an_impossible_grid_ratio_in_one_line(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [RandomMasking(), BlockMasking(min_patches=2), GridMasking()])
 def test_a_compiled_model_traces_its_masks_for_any_batch_size(strategy):
     # torch.compile makes the batch size symbolic once a model meets a second one (a sweep's next

@@ -5,6 +5,7 @@ import csv
 import json
 import re
 
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -22,6 +23,7 @@ def _job_configs(sweep):
     }
 
 
+@pytest.mark.slow
 def test_a_two_point_sweep_with_the_basic_launcher_then_its_report(tmp_path):
     sweep = tmp_path / "sweep"
     done = maelab(
@@ -53,6 +55,7 @@ def test_a_two_point_sweep_with_the_basic_launcher_then_its_report(tmp_path):
     assert bad.returncode == 2 and "--metric val/acc1: the jobs have val/loss, train/loss" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_two_point_sweep_with_submitit_local(tmp_path):
     sweep = tmp_path / "sweep"
     done = maelab(
@@ -67,10 +70,11 @@ def test_a_two_point_sweep_with_submitit_local(tmp_path):
     assert list((sweep / ".submitit").iterdir())  # submitted through submitit
 
 
+@pytest.mark.slow
 def test_a_preempted_submitit_job_is_requeued_and_resumes_bit_identical(tmp_path):
     """SLURM's warning signal mid-epoch: the job saves last.ckpt, submitit requeues it, and the
     requeued job resumes in the same directory and ends exactly as an uninterrupted run."""
-    probe = ["+callbacks.signal._target_=tests.test_train.SignalAt"]
+    probe = ["+callbacks.signal._target_=tests.conftest.SignalAt"]
     env = {"PYTHONPATH": str(REPO)}
     straight = maelab(
         "train", "+experiment=quickstart", *QUIET, *probe, "+callbacks.signal.step=-1",
@@ -135,6 +139,7 @@ def test_the_slurm_launcher_refuses_all_visible_gpus_and_a_swept_allocation(tmp_
         check_slurm_allocation(OmegaConf.create({"num_nodes": 2, "devices": 4}))
 
 
+@pytest.mark.slow
 def test_the_paper_sweeps_select_their_grids(tmp_path):
     grids = {
         "mask_ratio": ("task.mask_ratio", "0.4,0.5,0.6,0.7,0.75,0.8,0.9"),

@@ -1,5 +1,6 @@
 """A tiny MAE must learn: the masked-patch loss falls far below where it starts."""
 
+import pytest
 import torch
 
 from maelab.data.synthetic import make_shapes
@@ -8,6 +9,7 @@ from maelab.models.mae import MaskedAutoencoder
 from maelab.modules.optim import param_groups_weight_decay, warmup_cosine
 
 
+@pytest.mark.slow
 def test_tiny_mae_learns_to_reconstruct_masked_patches():
     torch.manual_seed(0)
     images = normalize(make_shapes(512, 16, 10, seed=0)[0], [0.5] * 3, [0.25] * 3)

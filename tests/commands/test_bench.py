@@ -45,6 +45,7 @@ def test_the_flop_count_is_the_mae_arithmetic_with_the_encoder_on_visible_patche
     assert 2.9 * flops["forward"] < flops["train"] < 3 * flops["forward"]  # the backward: twice, less the input grad
 
 
+@pytest.mark.slow
 def test_bench_prints_one_json_object_with_consistent_figures(tmp_path):
     done = maelab("bench", *SMALL, "--steps", "3", "--warmup", "1", "--no-compile", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -77,6 +78,7 @@ def test_without_a_compiler_the_bench_times_eager_and_says_why(monkeypatch):
     assert result["img_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_the_hf_reference_has_the_same_sizes_and_is_timed_alongside(tmp_path):
     pytest.importorskip("transformers", reason="--compare hf needs transformers (a dev dependency)")
     from transformers import ViTMAEForPreTraining
@@ -95,6 +97,7 @@ def test_the_hf_reference_has_the_same_sizes_and_is_timed_alongside(tmp_path):
     assert result["speedup_vs_hf"] == pytest.approx(result["img_per_s"] / result["hf"]["eager"]["img_per_s"], rel=0.02)
 
 
+@pytest.mark.slow
 def test_a_mistyped_override_ends_with_hydra_s_message_alone(tmp_path):
     done = maelab("bench", "+experiment=quickstart", "task.mask_ratioo=0.5", cwd=tmp_path)
     assert done.returncode == 2
@@ -109,13 +112,13 @@ def _weights(results) -> dict:
     return torch.load(results["last_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])
 def test_a_compiled_training_run_matches_the_eager_one(task, tmp_path, monkeypatch, caplog):
     import torch._inductor.config
 
     from maelab.run.fit import run
-    from tests.conftest import TINY, compose_config
-    from tests.test_classifier import TINY_CLASSIFIER
+    from tests.conftest import TINY, TINY_CLASSIFIER, compose_config
 
     # inductor draws its own random numbers (masks, drop path) unless told to call torch's: with
     # the same draws, a compiled run must follow the eager one up to float rounding

@@ -135,6 +135,7 @@ def test_bad_files_stop_with_their_name(tmp_path, problem):
         cifar(tmp_path).prepare_data()
 
 
+@pytest.mark.slow
 def test_real_cifar10_copy(cifar10_root):
     dm = cifar(cifar10_root)
     dm.prepare_data()

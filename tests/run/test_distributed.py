@@ -13,6 +13,7 @@ from maelab.run.build import derive_accumulation
 from tests.conftest import REPO, maelab
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_see_disjoint_samples_draw_different_masks_and_end_identical(tmp_path):
     probe = tmp_path / "probe"
     done = maelab(
@@ -63,13 +64,14 @@ def test_an_effective_batch_the_hardware_cannot_divide_is_refused_with_the_numbe
         derive_accumulation(cfg, _fake_trainer(8, 2))
 
 
+@pytest.mark.slow
 def test_a_bad_file_met_by_both_ranks_is_counted_once(tmp_path):
     from maelab.data.imagenet import ImageFolderDataModule
     from maelab.data.samplers import EpochShuffleSampler
-    from tests.test_imagenet import _corrupt, make_tree
+    from tests.conftest import corrupt_one_file, make_tree
 
     tree = make_tree(tmp_path / "tree")
-    bad = str(_corrupt(tree))
+    bad = str(corrupt_one_file(tree))
     files = ImageFolderDataModule(str(tree), img_size=32)
     files.setup()
     index = [str(p) for p, _ in files.files["train"]].index(bad)

@@ -1,54 +1,21 @@
 """The ImageFolder (ImageNet) data module on a generated tree of awkward real-world files."""
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from maelab.data.files import read_rgb
 from maelab.data.imagenet import ImageFolderDataModule
 from maelab.errors import UserError
 from maelab.run.fit import run
-from tests.conftest import compose_config
-
-CLASSES = ["n01440764", "n01443537", "n01484850"]
-
-
-def _save(path, image: Image.Image, fmt: str = "JPEG", **kwargs) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format=fmt, **kwargs)
-
-
-def _picture(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def make_tree(root, per_class: int = 6, val_per_class: int = 2):
-    """train/ and val/ with three classes of JPEGs in varied sizes, plus the oddities ImageNet holds."""
-    sizes = [(40, 30), (33, 57), (64, 64), (80, 48), (36, 36), (50, 70)]
-    for c, name in enumerate(CLASSES):
-        for i in range(per_class):
-            w, h = sizes[i % len(sizes)]
-            _save(root / "train" / name / f"{name}_{i}.JPEG", _picture(w, h, 10 * c + i))
-        for i in range(val_per_class):
-            _save(root / "val" / name / f"ILSVRC2012_val_{c}{i}.JPEG", _picture(48, 40, 100 + 10 * c + i))
-    odd = root / "train" / CLASSES[0]
-    _save(odd / "gray.JPEG", _picture(40, 40, 1).convert("L"))
-    _save(odd / "cmyk.JPEG", _picture(40, 40, 2).convert("CMYK"))
-    _save(odd / "png_inside.JPEG", _picture(40, 40, 3), fmt="PNG")  # ImageNet's n02105855_2933.JPEG
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
-    _save(odd / "rotated.JPEG", _picture(60, 30, 4), exif=exif)
-    return root
+from tests.conftest import TREE_CLASSES, compose_config, corrupt_one_file, make_tree
 
 
 def test_awkward_files_read_as_upright_rgb(tmp_path):
     tree = make_tree(tmp_path)
-    odd = tree / "train" / CLASSES[0]
+    odd = tree / "train" / TREE_CLASSES[0]
     for name in ("gray", "cmyk", "png_inside", "rotated"):
         image = read_rgb(odd / f"{name}.JPEG")
         assert image.mode == "RGB", name
@@ -70,7 +37,7 @@ def _batches(dm, loader):
 
 def test_batches_are_uint8_at_the_input_size_and_every_val_image_is_seen_once(tmp_path):
     dm = _datamodule(make_tree(tmp_path))
-    assert dm.num_classes == 3 and dm.classes == CLASSES
+    assert dm.num_classes == 3 and dm.classes == TREE_CLASSES
     assert len(dm.files["train"]) == 3 * 6 + 4 and len(dm.files["val"]) == 6
     images, labels = _batches(dm, dm.train_dataloader())[0]
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
@@ -97,17 +64,9 @@ def test_the_class_count_follows_the_folders_and_mismatches_are_named(tmp_path):
         ImageFolderDataModule(str(tmp_path / "missing"))
 
 
-def _corrupt(tree):
-    bad = tree / "train" / CLASSES[1] / "broken.JPEG"
-    data = io.BytesIO()
-    _picture(40, 40, 5).save(data, format="JPEG")
-    bad.write_bytes(data.getvalue()[:200])  # a truncated download
-    return bad
-
-
 def test_an_unreadable_file_stops_with_its_name(tmp_path):
     tree = make_tree(tmp_path)
-    bad = _corrupt(tree)
+    bad = corrupt_one_file(tree)
     dm = _datamodule(tree, batch_size=len(list(tree.glob("train/*/*"))))  # one batch holds every file
     with pytest.raises(UserError, match=f"{bad}: cannot be read as an image .*data.skip_bad_images=true"):
         _batches(dm, dm.train_dataloader())
@@ -115,7 +74,7 @@ def test_an_unreadable_file_stops_with_its_name(tmp_path):
 
 def test_a_skipped_file_keeps_the_training_batch_full_and_its_count_survives_a_resume(tmp_path):
     tree = make_tree(tmp_path)
-    bad = _corrupt(tree)
+    bad = corrupt_one_file(tree)
     dm = _datamodule(tree, batch_size=23, skip_bad_images=True)  # one batch holds every file
     [(images, labels)] = _batches(dm, dm.train_dataloader())
     assert images.shape == (23, 3, 32, 32) and labels.shape == (23,)  # mixup needs the batch it asked for
@@ -127,7 +86,7 @@ def test_a_skipped_file_keeps_the_training_batch_full_and_its_count_survives_a_r
 
 def test_skip_bad_images_drops_counts_and_reports_them(tmp_path, caplog):
     tree = make_tree(tmp_path)
-    bad = _corrupt(tree)
+    bad = corrupt_one_file(tree)
     overrides = [
         "data=imagenet",
         "model=vit_tiny",

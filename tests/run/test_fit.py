@@ -6,38 +6,22 @@ import os
 import signal
 import sys
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from maelab.run.fit import run
 from maelab.weights import checkpoints
-from tests.conftest import REPO, TINY, compose_config, tiny_pretrain_module
+from tests.conftest import REPO, TINY, compose_config, tiny_pretrain_module, weights
 
 
-def weights(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-
-
-class CrashAt(L.Callback):
-    """Kills a run in the middle of an epoch, the way a node failure would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("node lost")
-
-
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
     # 128 images / batch 32 = 4 steps an epoch; the lr schedule spans trainer.max_epochs=3 in both
     common = TINY + ["trainer.max_epochs=3", "callbacks.reconstructions.every_n_epochs=1"]
     straight = run(compose_config(common, tmp_path / "straight"))
     assert straight["global_step"] == 12
 
-    crash = ["+callbacks.crash._target_=tests.test_train.CrashAt", "+callbacks.crash.step=10"]
+    crash = ["+callbacks.crash._target_=tests.conftest.CrashAt", "+callbacks.crash.step=10"]
     with pytest.raises(RuntimeError, match="node lost"):
         run(compose_config(common + crash, tmp_path / "resumed"))
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
@@ -60,18 +44,6 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical_to_an_uninterrupted_one(tm
     assert len(losses(tmp_path / "straight")) == 12
 
 
-class SignalAt(L.Callback):
-    """Sends this process submitit's warning signal (USR2) at a step, as SLURM does before a
-    preemption or the time limit."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if trainer.global_step + 1 == self.step:  # during that step (a resumed job starts past it)
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-
 @pytest.mark.parametrize(
     "layout,steps,signal_step",
     [
@@ -83,10 +55,11 @@ class SignalAt(L.Callback):
         (["data.num_train=224", "task.effective_batch_size=64"], 9, 4),
     ],
 )
+@pytest.mark.slow
 def test_a_preempted_job_saves_mid_epoch_and_its_requeued_job_resumes_bit_identical(
     layout, steps, signal_step, tmp_path, monkeypatch
 ):
-    common = TINY + layout + ["trainer.max_epochs=3", "+callbacks.signal._target_=tests.test_train.SignalAt"]
+    common = TINY + layout + ["trainer.max_epochs=3", "+callbacks.signal._target_=tests.conftest.SignalAt"]
     straight = run(compose_config(common + ["+callbacks.signal.step=-1"], tmp_path / "straight"))
     assert straight["global_step"] == steps
     common += [f"+callbacks.signal.step={signal_step}"]
@@ -169,6 +142,7 @@ def test_run_writes_results_metrics_and_reconstructions(tmp_path):
     assert results["config"]["model"]["embed_dim"] == 32
 
 
+@pytest.mark.slow
 def test_elapsed_time_adds_up_over_the_jobs_of_a_resumed_run(tmp_path, monkeypatch):
     import time
 
@@ -186,13 +160,6 @@ def test_elapsed_time_adds_up_over_the_jobs_of_a_resumed_run(tmp_path, monkeypat
     assert counted + 100 < second["elapsed_s"] <= counted + own + 0.01
 
 
-class SigtermAtSanityCheck(L.Callback):
-    """Sends this process a SIGTERM before training starts, as `kill` might during data setup."""
-
-    def on_sanity_check_start(self, trainer, pl_module):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _start(args, cwd):
     import subprocess
 
@@ -200,6 +167,7 @@ def _start(args, cwd):
     return subprocess.Popen([sys.executable, "-m", "maelab", "train", *args], cwd=cwd, env=env)
 
 
+@pytest.mark.slow
 def test_a_plain_sigterm_saves_at_the_next_step_and_stops_with_143(tmp_path):
     import re
     import time
@@ -217,8 +185,9 @@ def test_a_plain_sigterm_saves_at_the_next_step_and_stops_with_143(tmp_path):
     assert not (tmp_path / "results.json").exists()  # not a finished run
 
 
+@pytest.mark.slow
 def test_a_sigterm_before_training_starts_stops_with_143_not_success(tmp_path):
-    killer = "+callbacks.killer._target_=tests.test_train.SigtermAtSanityCheck"
+    killer = "+callbacks.killer._target_=tests.conftest.SigtermAtSanityCheck"
     process = _start(TINY + [killer, "trainer.num_sanity_val_steps=1", f"hydra.run.dir={tmp_path}"], tmp_path)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     assert (
@@ -227,6 +196,7 @@ def test_a_sigterm_before_training_starts_stops_with_143_not_success(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("submitit", [True, False], ids=["under_submitit", "plain"])
 def test_a_sigterm_before_training_requeues_under_submitit_and_fails_the_wandb_run_otherwise(
     tmp_path, monkeypatch, submitit
@@ -242,7 +212,7 @@ def test_a_sigterm_before_training_requeues_under_submitit_and_fails_the_wandb_r
     monkeypatch.setattr(wandb, "finish", lambda exit_code=None: finished.append(exit_code) or finish(exit_code))
     requeued = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # submitit's
-    killer = "+callbacks.killer._target_=tests.test_train.SigtermAtSanityCheck"
+    killer = "+callbacks.killer._target_=tests.conftest.SigtermAtSanityCheck"
     wandb_offline = ["logger=[csv,wandb]", "logger.wandb.offline=true", "logger.wandb.project=maelab-tests"]
     try:
         with pytest.raises(SystemExit) as stopped:
@@ -369,15 +339,6 @@ def test_the_cifar_recipe_holds_its_effective_batch_on_a_gpu_or_a_cpu(tmp_path, 
     assert cfg.data.batch_size == 512
 
 
-class SignalAfterLastEpochSave(ModelCheckpoint):
-    """Sends USR2 at the end of the last epoch, after Preemption's save point (Lightning runs
-    ModelCheckpoint subclasses last), as a signal during the final periodic checkpoint would."""
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == trainer.max_epochs - 1:
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-
 def test_a_signal_after_the_last_save_point_still_saves_before_the_requeue(tmp_path, monkeypatch):
     common = TINY + ["trainer.max_epochs=3", "callbacks.last_checkpoint.every_n_epochs=2"]
     straight = run(compose_config(common, tmp_path / "straight"))
@@ -388,7 +349,7 @@ def test_a_signal_after_the_last_save_point_still_saves_before_the_requeue(tmp_p
         with pytest.raises(SystemExit):
             run(
                 compose_config(
-                    common + ["+callbacks.late._target_=tests.test_train.SignalAfterLastEpochSave"], tmp_path / "job"
+                    common + ["+callbacks.late._target_=tests.conftest.SignalAfterLastEpochSave"], tmp_path / "job"
                 )
             )
     finally:

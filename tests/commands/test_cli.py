@@ -1,5 +1,6 @@
 """The command line, run in subprocesses the way users run it."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ EXPERIMENT_FILES = sorted(p.stem for p in Path(config_dir(), "experiment").glob(
 EXPERIMENTS = [name for name in EXPERIMENT_FILES if not name.startswith("_")]  # _*.yaml: bases they share
 
 
+@pytest.mark.slow
 def test_quickstart_writes_checkpoint_reconstructions_and_results(tmp_path):
     run_dir = tmp_path / "run"
     done = maelab("train", "+experiment=quickstart", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -57,11 +59,16 @@ def test_an_unknown_experiment_lists_the_known_ones(tmp_path):
     assert "quikstart" in done.stderr and "quickstart" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(tmp_path, experiment):
     done = maelab("train", f"+experiment={experiment}", "--cfg", "job", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"name: {experiment}" in done.stdout
+    # every callback the run will have is in the composed config, the always-on ones too
+    callbacks = re.split(r"\n\S", done.stdout.split("\ncallbacks:\n")[1])[0]
+    for name in ("last_checkpoint", "throughput", "random_state", "metric_history", "elapsed_time", "preemption"):
+        assert f"\n  {name}:\n    _target_: maelab." in "\n" + callbacks, (experiment, name)
 
 
 def test_help_lists_commands_and_config_groups(tmp_path):
@@ -82,6 +89,7 @@ def test_help_lists_commands_and_config_groups(tmp_path):
     assert wrong.returncode == 2 and "invalid choice: 'trian'" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_a_multirun_of_ddp_jobs_keeps_each_job_and_its_workers_together(tmp_path):
     """Lightning re-launches DDP workers with the command line: each job's worker must run that
     job alone, in that job's directory, and the next job must start its own workers."""
@@ -114,7 +122,7 @@ def test_every_experiment_passes_the_checks_and_builds(tmp_path, experiment):
 
     cfg = compose_config([f"+experiment={experiment}"], tmp_path)
     if cfg.data._target_.endswith("ImageFolderDataModule"):
-        from tests.test_imagenet import make_tree
+        from tests.conftest import make_tree
 
         cfg.data.root = str(make_tree(tmp_path / "imagenet"))  # classes: the tree's 3
     if cfg.task._target_.endswith("ClassifierModule"):
@@ -125,13 +133,13 @@ def test_every_experiment_passes_the_checks_and_builds(tmp_path, experiment):
     assert sum(p.numel() for p in module.parameters()) > 10_000
 
 
+@pytest.mark.slow
 def test_the_chain_pretrain_then_fine_tune_probe_and_export(tmp_path):
     """The README's chain on synthetic data: each stage a separate command on the last one's
     last.ckpt, each writing results.json."""
     import json
 
-    from tests.conftest import TINY
-    from tests.test_classifier import TINY_CLASSIFIER
+    from tests.conftest import TINY, TINY_CLASSIFIER
 
     pre = tmp_path / "pre"
     done = maelab(
@@ -168,6 +176,7 @@ def test_the_chain_pretrain_then_fine_tune_probe_and_export(tmp_path):
     assert (tmp_path / "vit.pth").is_file() and (tmp_path / "vit.pth.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_classifier_without_a_checkpoint_says_what_to_pass(tmp_path):
     done = maelab("train", "+experiment=finetune_vitt_cifar10", cwd=tmp_path)
     assert done.returncode == 2

@@ -1,5 +1,6 @@
 """Batched on-device augmentation: exact identity, exact flips, torchvision's box statistics."""
 
+import pytest
 import torch
 
 from maelab.data.transforms import PadCropFlip, RandomResizedCropFlip, denormalize, normalize, resized_crops
@@ -81,7 +82,6 @@ def test_pad_crop_flip_without_padding_or_flip_is_the_identity():
 
 
 def test_pad_crop_flip_refuses_what_it_cannot_do_with_the_accepted_range():
-    import pytest
 
     with pytest.raises(ValueError, match="padding must be 0 to 31 pixels for reflect padding of 32 px, got 32"):
         PadCropFlip(32, padding=32)
@@ -90,3 +90,18 @@ def test_pad_crop_flip_refuses_what_it_cannot_do_with_the_accepted_range():
     with pytest.raises(ValueError, match="padding must be 0 or more pixels, got -1"):
         PadCropFlip(32, padding=-1, padding_mode="replicate")
     assert PadCropFlip(8, padding=12, padding_mode="replicate")(torch.randn(2, 3, 8, 8)).shape == (2, 3, 8, 8)
+
+
+def test_randaugment_at_full_magnitude_keeps_running():
+    """RandAugment's increasing posterize keeps 0 bits at magnitude 10; Pillow >= 11 refuses
+    that, so the transform maps it to the black image older Pillow produced."""
+    from PIL import Image
+
+    from maelab.data.timm_augment import TimmTrainTransform, posterize
+
+    black = posterize(Image.new("RGB", (4, 4), (200, 100, 50)), 0)
+    assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    t = TimmTrainTransform(32, [0.5] * 3, [0.25] * 3, auto_augment="rand-m10-n4-mstd0-inc1")
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    outs = torch.stack([t(img) for img in images])
+    assert outs.shape == (64, 3, 32, 32) and outs.dtype == torch.float32

@@ -57,6 +57,7 @@ def test_the_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_headless_on_a_checkpoint(checkpoint, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
@@ -75,6 +76,7 @@ def test_the_notebook_runs_headless_on_a_checkpoint(checkpoint, tmp_path, monkey
     assert "checkpoint:" in printed and "64 patches of 4 px" in printed
 
 
+@pytest.mark.slow
 def test_visualize_draws_cifar10_test_images(checkpoint, cifar10_root, tmp_path):
     out = tmp_path / "cifar.png"
     assert main(["visualize", str(checkpoint), "--images", "cifar10", "--num-images", "2", "--out", str(out)]) == 0
