@@ -1,4 +1,9 @@
-"""Training throughput in images per second, measured without a host sync per step."""
+"""Training throughput in images per second, measured without a host sync per step.
+
+Lightning's ``ThroughputMonitor`` calls ``torch.cuda.synchronize()`` after every training batch
+(its ``_update``), which stalls the host until the GPU has finished the step and so costs the
+overlap of one step's launch with the previous step's kernels; this callback synchronises once
+per ``window`` steps, which is why maelab keeps its own."""
 
 import logging
 import statistics
