@@ -161,3 +161,11 @@ def test_where_compilation_fails_training_goes_on_eagerly_and_says_why(tmp_path,
     a, b = _weights(eager), _weights(fallback)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("target", ["hog", "pca", "pixel"])
+def test_the_flop_count_takes_any_target(target):
+    # PCA must be fitted and HOG does not run on the meta device: the count leaves the target out
+    module, _, img_size, _ = build_module([*SMALL, f"target={target}"])
+    flops = training_flops(module, img_size)
+    assert 2.9 * flops["forward"] < flops["train"] < 3 * flops["forward"] and flops["forward"] > 1e6

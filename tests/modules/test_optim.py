@@ -89,9 +89,15 @@ def test_lr_follows_the_effective_batch_and_steps_each_optimizer_step(accumulate
 
 
 @pytest.mark.parametrize(
-    "pool,batchnorm,frozen", [("avg", False, False), ("token", False, False), ("token", True, True)]
+    "pool,batchnorm,frozen,wd",
+    [
+        ("avg", False, False, 0.05),
+        ("token", False, False, 0.05),
+        ("token", True, True, 0.0),
+        ("avg", False, False, 0.0),
+    ],
 )
-def test_timm_layer_decay_groups_are_the_ones_maelab_checkpoints_hold(pool, batchnorm, frozen):
+def test_timm_layer_decay_groups_are_the_ones_maelab_checkpoints_hold(pool, batchnorm, frozen, wd):
     # maelab grouped by hand before it used timm's helper; optimizer states in checkpoints follow
     # the groups' order, so a run started before still resumes: same groups, params, scales, order
     model = ViTClassifier(10, global_pool=pool, head_batchnorm=batchnorm, **SMALL)
@@ -110,11 +116,11 @@ def test_timm_layer_decay_groups_are_the_ones_maelab_checkpoints_hold(pool, batc
     for name, p in model.named_parameters():
         if p.requires_grad:
             decays = not (p.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed"))
-            group = before.setdefault((layer(name), decays), {"params": [], "weight_decay": 0.05 if decays else 0.0})
+            group = before.setdefault((layer(name), decays), {"params": [], "weight_decay": wd if decays else 0.0})
             group["lr_scale"] = 0.75 ** (depth + 1 - layer(name))
             group["params"].append(p)
     expected = [before[key] for key in sorted(before)]
-    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
+    groups = param_groups_layer_decay(model, weight_decay=wd, layer_decay=0.75)
     assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in g["params"]] for g in expected]
     for group, reference in zip(groups, expected, strict=True):
         assert (group["lr_scale"], group["weight_decay"]) == pytest.approx(
@@ -162,3 +168,21 @@ def test_lars_steps_weight_matrices_by_trust_ratio_and_biases_plainly():
     trust = 0.001 * (2.0 * 6**0.5) / (0.5 * 6**0.5)
     assert torch.allclose(w.detach(), torch.full((2, 3), 2.0 - 10.0 * trust * 0.5))
     assert torch.allclose(b.detach(), torch.tensor([-10.0, 10.0]))
+
+
+@pytest.mark.parametrize("wd", [0.05, 0.0])
+def test_weight_decay_groups_keep_their_two_kinds_apart_at_any_weight_decay(wd):
+    # maelab's checkpoints hold two groups, decayed first, also for weight_decay=0 (timm would merge)
+    model = MaskedAutoencoder(
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        decoder_width=16,
+        decoder_depth=1,
+        decoder_heads=2,
+    )
+    decay, no_decay = param_groups_weight_decay(model, wd)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (wd, 0.0)
+    assert all(p.ndim > 1 for p in decay["params"]) and len(no_decay["params"]) > 0

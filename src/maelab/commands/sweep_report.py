@@ -41,12 +41,12 @@ def read_jobs(sweep_dir: Path) -> list[dict]:
 
 
 def override_values(lines: list[str]) -> dict[str, str]:
-    """A job's overrides as {key: value as written}; a removed key (``~key``) reads "(removed)"."""
+    """A job's overrides as the command line wrote them, {key: value} (``+experiment``, ``1e-4``);
+    a removed key (``~key``) reads "(removed)"."""
     from maelab.config.overrides import parse_overrides
 
-    return {
-        o.key_or_group: "(removed)" if o.is_delete() else o.get_value_element_as_str() for o in parse_overrides(lines)
-    }
+    written = [o.input_line.partition("=") for o in parse_overrides(lines)]
+    return {key: value if sep else "(removed)" for key, sep, value in written}
 
 
 def _job_order(job_dir: Path, sweep_dir: Path):

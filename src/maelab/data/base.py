@@ -25,7 +25,7 @@ def worker_init(worker_id: int) -> None:
     """DataLoader workers leave preemption to the main process. SLURM signals every process of
     the job (SIGTERM, and submitit's USR2 before a limit); a worker that died of it, or ran
     submitit's requeue handler inherited through fork, would break the save at the next step
-    (``callbacks/preemption.py``). Workers still stop with their main process (PyTorch watches
+    (``run/preemption.py``). Workers still stop with their main process (PyTorch watches
     it) and with SIGKILL. Then Lightning's per-worker seeding (``seed_everything(workers=True)``)."""
     for name in {"SIGTERM", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")}:
         signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -88,7 +88,7 @@ class ImageFiles(Dataset):
 
 
 class ImageFolderDataModule(ShardedDataModule):
-    per_image_transforms = True  # train.build hands the augmentation to the loader workers
+    per_image_transforms = True  # run.build hands the augmentation to the loader workers
 
     def __init__(
         self,

@@ -91,7 +91,7 @@ class ClassifierModule(L.LightningModule):
         m = self.model
         if freeze_encoder:
             frozen = m.encoder_modules()
-        elif trainable_blocks is not None:  # (config_checks refuses both at once)
+        elif trainable_blocks is not None:  # (config/checks.py refuses both at once)
             if not 0 <= trainable_blocks <= len(m.blocks):
                 raise UserError(f"task.trainable_blocks={trainable_blocks}: expected 0..{len(m.blocks)} (the depth)")
             frozen = [m.patch_embed, *m.blocks[: len(m.blocks) - trainable_blocks]]

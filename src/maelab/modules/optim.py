@@ -19,14 +19,35 @@ from maelab.errors import UserError
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether weight decay applies: weight matrices only, not biases, norms, tokens or positions."""
+    return not (p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES)
+
+
+def by_kind(model: nn.Module, groups: list[dict], depth: dict[str, int] | None = None) -> list[dict]:
+    """Groups in the order maelab's checkpoints hold optimizer states in: without depths the
+    decayed group first; with depths by (depth, decayed), the undecayed first at each depth. The
+    kind is read from the parameters (a group's weight_decay is 0 everywhere when the recipe's is)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def key(group: dict) -> tuple[int, bool]:
+        name = names[id(group["params"][0])]
+        decayed = decays(name, group["params"][0])
+        return (depth[name], decayed) if depth else (0, not decayed)
+
+    return sorted(groups, key=key)
+
+
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
-    """timm's weight-decay groups: decay on weight matrices only, not on biases, norms, tokens or
-    position embeddings. Decayed group first, the order maelab's checkpoints hold optimizer
-    states in."""
+    """timm's weight-decay groups (``decays``): the decayed group first, then the rest."""
     from timm.optim import param_groups_weight_decay as timm_groups
 
-    groups = timm_groups(model, weight_decay, no_weight_decay_list=NO_DECAY_NAMES)
-    return sorted(groups, key=lambda group: group["weight_decay"] == 0)
+    # with weight_decay=0 timm makes one group; asked for a non-zero value it keeps the two kinds
+    # apart, as maelab's checkpoints hold them, and the value is set afterwards
+    groups = timm_groups(model, 1.0, no_weight_decay_list=NO_DECAY_NAMES)
+    for group in groups:
+        group["weight_decay"] = weight_decay if group["weight_decay"] else 0.0
+    return by_kind(model, groups)
 
 
 def effective_batch_size(trainer: L.Trainer, per_device_batch: int) -> int:
@@ -71,9 +92,7 @@ def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay:
     from timm.optim import param_groups_layer_decay as timm_groups
 
     groups = timm_groups(model, weight_decay, no_weight_decay_list=NO_DECAY_NAMES, layer_decay=layer_decay)
-    depth = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
-    names = {id(p): name for name, p in model.named_parameters()}
-    return sorted(groups, key=lambda g: (depth[names[id(g["params"][0])]], g["weight_decay"] > 0))
+    return by_kind(model, groups, group_parameters(model, model.group_matcher(coarse=False), reverse=True))
 
 
 def warmup_cosine_schedule(

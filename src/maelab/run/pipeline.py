@@ -38,9 +38,10 @@ OWN_KEYS = {"experiment", "stages", "ckpt_path", "name", "hydra", "paths", "swee
 
 
 def experiments() -> list[str]:
+    """The experiments a stage may name (``_*.yaml`` are the bases they share)."""
     from maelab.config import config_dir
 
-    return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+    return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def check_stages(stages: DictConfig) -> None:

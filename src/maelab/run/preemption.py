@@ -4,7 +4,7 @@ submitit requeue the job.
 One component owns the requeue: submitit. It launched the job (``hydra/launcher=slurm``), so it
 knows how to run the same Hydra job again (same config, same sweep directory and job number),
 and it counts timeouts against ``max_num_timeout`` while preemptions requeue without limit.
-Lightning's own SLURM auto-requeue stays off (``train.build`` passes
+Lightning's own SLURM auto-requeue stays off (``run/build.py`` passes
 ``SLURMEnvironment(auto_requeue=False)``): it would be a second owner, and it saves from inside
 the signal handler, in the middle of a step, which cannot resume exactly.
 
@@ -23,7 +23,7 @@ way up to the save; the run then stops with exit status 143 instead of requeuein
 The requeued job (the same submitit job id, recorded in ``checkpoints/submitit_job``) resumes
 from ``last.ckpt``, even when its command names another ``ckpt_path``: that was where the first
 attempt started. Another job that finds a ``last.ckpt`` it did not write is refused, as outside
-submitit (``train.resolve_ckpt_path``). It continues at the same step, sample order and random
+submitit (``run/fit.resolve_ckpt_path``). It continues at the same step, sample order and random
 states.
 """
 
