@@ -13,7 +13,7 @@ from maelab import __version__
 from maelab.errors import UserError, report
 
 COMMANDS = {  # command -> (module under maelab.commands, what it does)
-    "train": ("train", "pretrain, fine-tune or probe: a Hydra app (maelab train --help lists its config groups)"),
+    "train": ("train", "pretrain, fine-tune or probe: a Hydra app (its --help lists the config groups)"),
     "export": ("export", "write a checkpoint's encoder as a timm VisionTransformer state dict"),
     "sweep-report": ("sweep_report", "tabulate and plot a sweep's results: markdown, CSV and PNG"),
     "bench": ("bench", "time full training steps on this device: img/s, memory, FLOPs, utilisation"),
@@ -32,7 +32,8 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    listing = "\n".join(f"  {name:<13} {text} (maelab {name} --help)" for name, (_, text) in COMMANDS.items())
+    listing = "\n".join(f"  {name:<13} {text}" for name, (_, text) in COMMANDS.items())
+    listing += "\n  (maelab <command> --help explains each)"
     parser = argparse.ArgumentParser(
         prog="maelab",
         description="Masked Autoencoder research with PyTorch Lightning and Hydra.",
