@@ -1,5 +1,6 @@
 """The package's shape, as docs/architecture.md draws it: imports go one way between its parts,
-no import cycle (lazy imports inside functions included), and no function over 60 lines."""
+no import cycle (lazy imports inside functions included), no function over 60 lines, and the
+ImageNet recipes written as short diffs of shared bases."""
 
 import ast
 from pathlib import Path
@@ -97,3 +98,17 @@ def test_no_function_is_longer_than_60_lines(path):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
     ]
     assert long == []
+
+
+IMAGENET_RECIPES = sorted(
+    p
+    for p in (PACKAGE.parents[1] / "conf" / "experiment").glob("*.yaml")
+    if p.stem.startswith(("_imagenet_", "mae_vit", "finetune_vit", "linprobe_vit")) and "cifar10" not in p.stem
+)
+
+
+@pytest.mark.parametrize("path", IMAGENET_RECIPES, ids=lambda p: p.stem)
+def test_imagenet_recipes_are_short_diffs(path):
+    """The nine sizes and their three shared bases: each under 20 lines that are not comments."""
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(IMAGENET_RECIPES) == 12 and len(lines) < 20, f"{path.name}: {len(lines)} lines"
