@@ -203,7 +203,10 @@ def test_a_mistake_in_a_stage_list_is_blamed_on_the_list(tmp_path):
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage finetune (+experiment=finetune_vitt_cifar10_fast): its list")
-    assert "['task.label_smothing=0.2'] fails: Could not override 'task.label_smothing'" in last
+    assert (
+        "['task.label_smothing=0.2'] fails: task.label_smothing=0.2: no such key; did you mean task.label_smoothing?"
+        in last
+    )
 
 
 @pytest.mark.parametrize("path", ["/runs/a,b c/x=[1]", r"/runs/back\slash", '/runs/quote"d', "/runs/end\\"])

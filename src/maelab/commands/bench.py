@@ -182,13 +182,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from hydra.errors import HydraException
 
+    from maelab.config.overrides import override_error_message
+
     args = parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compile_model = device.type == "cuda" if args.compile is None else args.compile
     try:
         module, batch, img_size, cfg = build_module(args.overrides)
-    except HydraException as e:  # a bad override or experiment name: Hydra's message, no traceback
-        raise UserError(str(e)) from None
+    except HydraException as e:  # a bad override or experiment name: one line, the closest keys named
+        raise UserError(override_error_message(e, args.overrides) or str(e)) from None
     parts = {k: (cfg.get(k) or {}).get("_target_", "none").rsplit(".", 1)[-1] for k in ("augment", "target", "masking")}
     result = {"experiment": cfg.name, "device": device_name(device), **parts}
     timing = (batch, img_size, args.steps, args.warmup, compile_model, device)

@@ -7,7 +7,9 @@ calls; hydra-core is pinned to 1.3 for it.
 """
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import maelab
@@ -29,14 +31,47 @@ def main(args: list[str]) -> int:
     register_resolvers()
     parser = get_args_parser()
     parser.prog = "maelab train"
-    _run_hydra(
-        args=parser.parse_args(args),
-        args_parser=parser,
-        task_function=task_function,
-        config_path=str(config_dir()),
-        config_name="train",
-    )
+    parsed = parser.parse_args(args)
+    with mistyped_overrides_reported(parsed.overrides):
+        _run_hydra(
+            args=parsed,
+            args_parser=parser,
+            task_function=task_function,
+            config_path=str(config_dir()),
+            config_name="train",
+        )
     return 0
+
+
+@contextmanager
+def mistyped_overrides_reported(overrides: list[str]):
+    """``_run_hydra`` runs each step (composing, ``--cfg``, a run, a multirun) under Hydra's
+    ``run_and_report``, which prints an error in several lines and exits 1. While it runs, a key
+    or group option that does not exist ends instead in maelab's one line (exit 2) naming the
+    closest that do; Hydra's other errors, and all of them under HYDRA_FULL_ERROR=1, stay Hydra's."""
+    import hydra._internal.utils as hydra_utils
+
+    from maelab.config.overrides import override_error_message
+
+    hydra_run_and_report = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def step():
+            try:
+                return func()
+            except Exception as e:
+                message = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else override_error_message(e, overrides)
+                if message is None:
+                    raise
+                fail(message)
+
+        return hydra_run_and_report(step)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = hydra_run_and_report
 
 
 def task_function(cfg: "DictConfig") -> None:

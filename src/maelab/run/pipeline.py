@@ -95,12 +95,13 @@ def check_composes(stages: DictConfig, forwarded: list[str]) -> None:
     """Compose every stage's config before any runs, so that an override one stage cannot take
     fails now, not after the stages before it have trained."""
     from maelab.config import compose
+    from maelab.config.overrides import override_error_message
 
-    def error(overrides: list[str]) -> str | None:
+    def error(overrides: list[str], hint: bool = False) -> str | None:
         try:
             compose(overrides)
         except Exception as e:  # noqa: BLE001  (Hydra's override and config errors)
-            return str(e).splitlines()[0]
+            return (hint and override_error_message(e, overrides)) or str(e).splitlines()[0]
         return None
 
     for name, stage in stages.items():
@@ -109,9 +110,12 @@ def check_composes(stages: DictConfig, forwarded: list[str]) -> None:
         if message is None:
             continue
         what = f"stage {name} (+experiment={stage.experiment})"
-        if error(stage_overrides(stage, [], pretrained)) is not None:  # its own list, before the command line's
+        # its own list, before the command line's (a key the command line gave the pipeline exists
+        # in the pipeline's config: "did you mean" is for the list's typos, not for those keys)
+        own = error(stage_overrides(stage, [], pretrained), hint=True)
+        if own is not None:
             raise UserError(
-                f"{what}: its list stages.{name}.overrides={list(stage.get('overrides') or [])} fails: {message}"
+                f"{what}: its list stages.{name}.overrides={list(stage.get('overrides') or [])} fails: {own}"
             )
         raise UserError(
             f"{what} cannot take the command line's overrides: {message} Command-line overrides reach "
