@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+from maelab.atomic import write_atomically
 from maelab.data.transforms import denormalize
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ class ReconstructionGrid(L.Callback):
             scale = -(-self.min_size // size)
             images_big = F.interpolate(grid.unsqueeze(0), scale_factor=scale, mode="nearest")
             grid = images_big.squeeze(0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        write_atomically(path, lambda f: save_image(grid, f, format="png"))
         log_image(trainer, "reconstructions", grid, trainer.global_step)  # W&B, TensorBoard
         self.written.append(path)
 

@@ -16,8 +16,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", help="the state dict to write (e.g. vit_t2_cifar10.pth)")
     parser.add_argument("--global-pool", choices=("avg", "token"), help="default: the classifier's own, else token")
     parser.add_argument("--num-heads", type=int, help="for official files of a width other than the named sizes")
+    parser.add_argument(
+        "--trust-checkpoint-code",
+        action="store_true",
+        help="load CKPT with full pickle, which can run code it holds: only for a file from a source you trust",
+    )
     args = parser.parse_args(argv)
-    meta = export(args.ckpt, args.out, args.global_pool, args.num_heads)
+    meta = export(args.ckpt, args.out, args.global_pool, args.num_heads, trust=args.trust_checkpoint_code)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in meta["kwargs"].items())
     if meta["kwargs"]["global_pool"] == "avg" and meta["kwargs"]["num_classes"] == 0:
         print("note: fc_norm (after pooling) takes the encoder's final norm: a start for fine-tuning")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid
 
+from maelab.atomic import write_atomically
 from maelab.errors import UserError
 
 TITLE_HEIGHT = 14
@@ -21,17 +22,19 @@ MASKINGS = {  # --masking choices; "model" keeps the checkpoint's own strategy
 }
 
 
-def load_pretrain_module(ckpt: str):
-    """A maelab pretraining checkpoint (``last.ckpt``) as a PretrainModule on the CPU, eval mode."""
+def load_pretrain_module(ckpt: str, trust: bool = False):
+    """A maelab pretraining checkpoint (``last.ckpt``) as a PretrainModule on the CPU, eval mode,
+    read as weights only unless ``trust`` (``--trust-checkpoint-code``)."""
     from maelab.modules.pretrain import PretrainModule
+    from maelab.weights.loading import load_user_file
 
-    if not Path(ckpt).is_file():
-        raise UserError(f"{ckpt}: no such file; pass a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt)")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    target = state.get("hyper_parameters", {}).get("target") if isinstance(state, dict) else None
-    if target is None or "state_dict" not in state:
+    expected = "a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt)"
+    state = load_user_file(ckpt, trust=trust, setting="--trust-checkpoint-code", expected=expected)
+    hparams = state.get("hyper_parameters", {}) if isinstance(state, dict) else {}
+    if hparams.get("target") is None or "state_dict" not in state:
         raise UserError(f"{ckpt}: not a maelab pretraining checkpoint (no hyper-parameters with a target)")
-    module = PretrainModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = PretrainModule(**hparams)
+    module.load_state_dict(state["state_dict"])
     return module.eval()
 
 
@@ -104,8 +107,7 @@ def save_with_titles(grid: torch.Tensor, titles: list[str], out: str) -> None:
     width = (body.width - 2) / len(titles)
     for i, title in enumerate(titles):
         draw.text((2 + i * width + 2, 1), title, fill="black")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    write_atomically(out, lambda f: canvas.save(f, format="PNG"))
 
 
 def main(argv: list[str]) -> int:
@@ -124,8 +126,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the masks drawn")
     parser.add_argument("--scale", type=int, default=0, help="enlarge each image this many times; 0: to >= 96 px")
     parser.add_argument("--out", default="reconstructions.png")
+    parser.add_argument(
+        "--trust-checkpoint-code",
+        action="store_true",
+        help="load CKPT with full pickle, which can run code it holds: only for a file from a source you trust",
+    )
     args = parser.parse_args(argv)
-    module = load_pretrain_module(args.ckpt)
+    module = load_pretrain_module(args.ckpt, args.trust_checkpoint_code)
     images = load_images(args.images, args.num_images, module.img_size)
     scale = args.scale or -(-96 // module.img_size)
     try:

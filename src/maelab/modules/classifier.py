@@ -77,13 +77,14 @@ class ClassifierModule(L.LightningModule):
             }
         )
 
-    def load_initial_weights(self) -> None:
+    def load_initial_weights(self, trust: bool = False) -> None:
         """The pretrained encoder, loaded by a fresh run (not in __init__: a resumed run or
-        ``load_from_checkpoint`` takes every weight from its own checkpoint, not from this file)."""
+        ``load_from_checkpoint`` takes every weight from its own checkpoint, not from this file).
+        ``trust``: the file may hold pickled code (``trust_checkpoint_code``)."""
         if self.hparams.pretrained:
             from maelab.weights.pretrained import load_encoder
 
-            load_encoder(self.model, self.hparams.pretrained)
+            load_encoder(self.model, self.hparams.pretrained, trust)
 
     def _freeze(self, freeze_encoder: bool, trainable_blocks: int | None) -> list[torch.nn.Module]:
         """Freeze the encoder (linear probe) or all but its last ``trainable_blocks`` blocks

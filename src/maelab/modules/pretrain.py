@@ -59,13 +59,14 @@ class PretrainModule(L.LightningModule):
         self.img_size = img_size
         self.mean, self.std = list(mean), list(std)
 
-    def load_initial_weights(self) -> None:
+    def load_initial_weights(self, trust: bool = False) -> None:
         """``init_from``, loaded by a fresh run (not in __init__: a resumed run or
-        ``load_from_checkpoint`` takes every weight from its own checkpoint)."""
+        ``load_from_checkpoint`` takes every weight from its own checkpoint). ``trust``: the
+        file may hold pickled code (``trust_checkpoint_code``)."""
         if self.hparams.init_from:
             from maelab.weights.pretrained import load_full
 
-            load_full(self.model, self.hparams.init_from)
+            load_full(self.model, self.hparams.init_from, trust)
 
     def on_fit_start(self) -> None:
         """A target estimated from data (PCA) is fitted once, by rank 0, on the evaluation view

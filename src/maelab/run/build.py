@@ -111,7 +111,7 @@ def build_trainer(cfg: DictConfig):
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    plugins = [AtomicCheckpointIO()]
+    plugins = [AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint_code")))]
     if SLURMEnvironment.detect():
         check_slurm_allocation(cfg.trainer)
         plugins.append(SLURMEnvironment(auto_requeue=False))

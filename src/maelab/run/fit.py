@@ -17,32 +17,94 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train as the config says; return (and write) the run's results."""
+    """Train as the config says; return (and write) the run's results. A run that fails after
+    it was built still writes results.json, with its status and error."""
     from maelab.config import apply_debug, register_resolvers
     from maelab.config.checks import validate
     from maelab.run.build import build
+    from maelab.run.output import check_output_writable, check_room_for_checkpoints
 
     register_resolvers()
     cfg = apply_debug(cfg)
     validate(cfg)  # before the parts are built: a bad value fails before any data is read
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    check_output_writable(output_dir)
     datamodule, module, trainer = build(cfg)
+    check_room_for_checkpoints(output_dir / "checkpoints", module)
+    trust = bool(cfg.get("trust_checkpoint_code"))
     if ckpt_path:
-        from maelab.weights.checkpoints import check_resumable
-
-        check_resumable(ckpt_path, module)
+        check_resumable_or_name_another(ckpt_path, module, trust)
     else:
-        module.load_initial_weights()  # task.pretrained / task.init_from: only a fresh run reads them
+        module.load_initial_weights(trust)  # task.pretrained / task.init_from: only a fresh run reads them
     for logger in trainer.loggers:  # the resolved config, whole; the module adds its own hyper-parameters
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    outcome = fit(cfg, trainer, module, datamodule, ckpt_path, output_dir / "checkpoints" / "last.ckpt")
+    try:
+        outcome = fit(cfg, trainer, module, datamodule, ckpt_path, output_dir / "checkpoints" / "last.ckpt")
+    except Exception as e:
+        write_failure(cfg, trainer, e)
+        raise
     results = run_results(cfg, trainer, module, outcome)
     if trainer.is_global_zero:
         from maelab.atomic import write_text_atomically
 
         write_text_atomically(output_dir / "results.json", json_text(results))
     return results
+
+
+def write_failure(cfg: DictConfig, trainer, error: Exception) -> None:
+    """results.json of a run that stopped on an error: where it stopped and why. A stop by a
+    signal (preemption, Ctrl-C) is not a failure and writes nothing: the resumed job writes it."""
+    if not trainer.is_global_zero:
+        return
+    from maelab.atomic import OutputError, write_text_atomically
+
+    if isinstance(error, OutputError):  # the disk refused a write: results.json would fail the same way
+        return
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    failure = {
+        "name": cfg.name,
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}".strip(),
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "last_checkpoint": str(last) if last.is_file() else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_text_atomically(Path(cfg.paths.output_dir) / "results.json", json_text(failure))
+
+
+def check_resumable_or_name_another(ckpt_path: str, module, trust: bool) -> None:
+    """The checkpoint to resume, checked before training: an unreadable one names the newest
+    readable checkpoint beside it and the command that resumes from that one."""
+    from maelab.weights.checkpoints import check_resumable
+    from maelab.weights.loading import UnreadableCheckpoint, newest_readable_beside
+
+    try:
+        check_resumable(ckpt_path, module, trust)
+    except UnreadableCheckpoint as e:
+        found = newest_readable_beside(Path(ckpt_path))
+        if found is None:
+            raise UserError(f"ckpt_path: {e}; no other checkpoint beside it is readable") from None
+        other, where = found
+        raise UserError(
+            f"ckpt_path: {e}; the newest readable checkpoint beside it is {other.name} (epoch {where['epoch']}, "
+            f"step {where['step']}): resume from it with {resume_command(other)}"
+        ) from None
+
+
+def resume_command(checkpoint: Path) -> str:
+    """This job's command line with ``ckpt_path`` pointing at ``checkpoint``."""
+    words = ["maelab", "train"]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        words += [o for o in hydra_cfg.overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+        words.append(f"hydra.run.dir={hydra_cfg.runtime.output_dir}")
+    except ValueError:  # composed outside a Hydra app (tests, notebooks): only the key that changes
+        words.append("...")
+    return " ".join([*words, f"ckpt_path={checkpoint}"])
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -65,6 +127,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             "Resume it with ckpt_path=last, or choose another directory (hydra.run.dir)"
         )
     if ckpt_path == "last":
+        if path.parent.is_dir() and not any(path.parent.glob("*.ckpt")):  # stopped before its first save
+            log.info("ckpt_path=last: %s holds no last.ckpt yet; starting from the beginning", path.parent)
+            return None
         if not path.is_file():
             raise UserError(
                 f"ckpt_path=last: there is no {path}. To resume a run, name its directory: "
@@ -123,13 +188,15 @@ def run_results(cfg: DictConfig, trainer, module, outcome: dict) -> dict:
     """results.json: what ran, the last and best epochs, the test pass, throughput and time."""
     from maelab.callbacks.elapsed import ElapsedTime
     from maelab.callbacks.metric_history import MetricHistory
+    from maelab.callbacks.nonfinite import NonFiniteGuard
     from maelab.callbacks.throughput import Throughput
 
-    throughput = find_callback(trainer, Throughput)
+    throughput, guard = find_callback(trainer, Throughput), find_callback(trainer, NonFiniteGuard)
     monitor, mode = getattr(module, "monitor", ("val/loss", "min"))
     held_out = cfg.data.get("val_size")
     return {
         "name": cfg.name,
+        "status": "completed",
         "task": cfg.task._target_.rsplit(".", 1)[-1],
         "output_dir": str(Path(cfg.paths.output_dir)),
         "last_checkpoint": str(outcome["last_checkpoint"]),
@@ -144,6 +211,7 @@ def run_results(cfg: DictConfig, trainer, module, outcome: dict) -> dict:
         "val_split": f"{held_out} held-out training images" if held_out else "test",
         "test": outcome["test"],  # the final weights on the test split, when it is not the validation split
         "skipped_images": outcome["skipped_images"],  # unreadable files dropped under data.skip_bad_images
+        "skipped_steps": guard.skipped if guard else None,  # non-finite steps skipped (nonfinite_guard)
         "train/img_per_s": throughput.steady_state if throughput else None,
         "peak_memory_gb": throughput.peak_memory_gb if throughput else None,  # GPU: the most allocated, rank 0
         "wall_clock_s": round(outcome["wall_clock_s"], 2),  # trainer.fit of this job alone

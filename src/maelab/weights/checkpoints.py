@@ -7,21 +7,45 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from maelab.atomic import write_atomically
+from maelab.errors import UserError
+from maelab.weights.loading import load_weights_file, tensor_bytes
+
+
+class NonFiniteWeights(UserError):
+    """A checkpoint about to be saved holds NaN or Inf weights."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` through ``write_atomically``: a temporary file beside the target, fsync,
-    then a rename.
+    """Checkpoints written with ``torch.save`` through ``write_atomically`` (a temporary file
+    beside the target, fsync, then a rename), never with NaN or Inf weights, and read back through
+    ``load_weights_file`` (weights only, no pickled code) when Lightning resumes a run.
 
     Lightning's own writer stages the file in the system temp folder and moves it into place;
     when that folder is on another filesystem than the run (a node-local /tmp, a shared
     cluster filesystem) the move is a copy onto the old checkpoint, and a crash in the middle of
     it leaves neither the old file nor the new one. A rename within one folder is atomic."""
 
+    def __init__(self, trust: bool = False):
+        super().__init__()
+        self.trust = trust
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        check_finite(checkpoint.get("state_dict", {}), path)
         if "://" in str(path):  # remote storage: Lightning's fsspec writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
+        write_atomically(Path(path), lambda f: torch.save(checkpoint, f), size_hint=tensor_bytes(checkpoint))
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=not self.trust)
+        return load_weights_file(path, trust=self.trust)
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], path) -> None:
+    """Refuse to save weights that hold NaN or Inf: the file on disk stays the last finite state."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteWeights(f"not saving {path}: {name} holds NaN or Inf values; the previous file is kept")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -34,12 +58,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(path: str, module: torch.nn.Module) -> None:
-    """Stop before training when a checkpoint to resume holds another architecture, naming the
-    parameters whose shapes differ and the settings it was trained with."""
-    from maelab.errors import UserError
-
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+def check_resumable(path: str, module: torch.nn.Module, trust: bool = False) -> None:
+    """Stop before training when a checkpoint to resume is unreadable (naming the newest readable
+    one and the command that resumes from it) or holds another architecture (naming the
+    parameters whose shapes differ and the settings it was trained with)."""
+    checkpoint = load_weights_file(path, trust=trust, mmap=True)
     saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     problems = [

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maelab.errors import UserError
+from maelab.weights.loading import TRUST_SETTING, load_user_file
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +22,17 @@ HEAD_PREFIXES = ("head.", "fc_norm.")
 FIXED_POSITIONS = ("pos_embed", "decoder_pos_embed")
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def read_state_dict(
+    path: str | Path, trust: bool = False, setting: str = TRUST_SETTING
+) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict with the model's own names, what the file was) from a maelab checkpoint,
-    an official MAE file, or a bare state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file; pass a maelab last.ckpt or an official MAE .pth")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    an official MAE file, or a bare state dict; read as weights only unless ``trust``."""
+    ckpt = load_user_file(path, trust=trust, setting=setting)
+    return state_dict_of(ckpt, path)
+
+
+def state_dict_of(ckpt, path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict with the model's own names, what the file was) from a loaded file."""
     if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
         prefix = "model."
         state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
@@ -81,9 +83,9 @@ def _first(keys: list[str]) -> str:
     return keys[0] + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
 
 
-def load_encoder(model: nn.Module, path: str | Path) -> None:
+def load_encoder(model: nn.Module, path: str | Path, trust: bool = False) -> None:
     """Load the encoder of ``path`` into a classifier (or any model with the encoder's names)."""
-    state, kind = read_state_dict(path)
+    state, kind = read_state_dict(path, trust)
     source = f"{path} ({kind})"
     own = model.state_dict()
     unused = sorted({k.split(".")[0] for k in state if k not in own or k.startswith(HEAD_PREFIXES)})
@@ -104,10 +106,10 @@ def load_encoder(model: nn.Module, path: str | Path) -> None:
     )
 
 
-def load_full(model: nn.Module, path: str | Path) -> None:
+def load_full(model: nn.Module, path: str | Path, trust: bool = False) -> None:
     """Load every tensor of ``model`` (encoder and decoder) from ``path``: an MAE that continues
     from an official or maelab pretraining checkpoint."""
-    state, kind = read_state_dict(path)
+    state, kind = read_state_dict(path, trust)
     source = f"{path} ({kind})"
     own = model.state_dict()
     # a target estimated from data (PCA) is fitted again at the start, with this run's settings

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from maelab.atomic import write_atomically, write_text_atomically
 from maelab.errors import UserError
-from maelab.weights.pretrained import read_state_dict
+from maelab.weights.loading import load_user_file, tensor_bytes
+from maelab.weights.pretrained import state_dict_of
 
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # the named ViT sizes
@@ -77,9 +79,11 @@ def timm_state_dict(state: dict[str, torch.Tensor], global_pool: str) -> tuple[d
     return {k: v.contiguous() for k, v in out.items()}, num_classes
 
 
-def export(ckpt: str, out: str, global_pool: str | None = None, num_heads: int | None = None) -> dict:
-    state, kind = read_state_dict(ckpt)
-    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+def export(
+    ckpt: str, out: str, global_pool: str | None = None, num_heads: int | None = None, trust: bool = False
+) -> dict:
+    raw = load_user_file(ckpt, trust=trust, setting="--trust-checkpoint-code")
+    state, kind = state_dict_of(raw, ckpt)
     hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in state]
     if missing:
@@ -95,9 +99,8 @@ def export(ckpt: str, out: str, global_pool: str | None = None, num_heads: int |
     timm_state, num_classes = timm_state_dict(state, global_pool)
     kwargs = {**architecture(state, hparams, num_heads), "num_classes": num_classes, "global_pool": global_pool}
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(timm_state, out_path)
+    write_atomically(out_path, lambda f: torch.save(timm_state, f), size_hint=tensor_bytes(timm_state))
     name = TIMM_NAMES.get((kwargs["embed_dim"], kwargs["depth"]), "vit_base_patch16_224")
     meta = {"timm_model": name, "kwargs": kwargs, "source": f"{ckpt} ({kind})"}
-    out_path.with_name(out_path.name + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomically(out_path.with_name(out_path.name + ".json"), json.dumps(meta, indent=2) + "\n")
     return meta
