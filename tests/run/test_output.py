@@ -109,3 +109,14 @@ def test_a_checkpoint_write_that_torch_reports_as_a_runtime_error_is_named_as_th
     with pytest.raises(OutputError, match=refused):
         AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(100_000)}}, tmp_path / "last.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_refused_outside_maelab_s_writers_is_one_line_too(tmp_path):
+    """A logger's CSV on a full disk: the CLI's message names the file and the reason."""
+    from maelab.commands.train import user_message
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "csv" / "metrics.csv"))
+    assert user_message(full).startswith(f"cannot write {tmp_path / 'csv' / 'metrics.csv'}: no space left on the")
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS), "/runs/x/results.json")
+    assert user_message(read_only) == "cannot write /runs/x/results.json: the file system is read-only (EROFS)"
+    assert user_message(OSError(errno.ENOENT, "No such file or directory", "/x")) is None  # not the disk's refusal

@@ -103,7 +103,8 @@ def run_job(cfg: "DictConfig") -> None:
 
 def user_message(error: Exception) -> str | None:
     """The message of a user's mistake inside ``error``: a UserError, one a constructor raised
-    under Hydra's instantiate, or one a maelab resolver raised (``${heads:...}``); else None."""
+    under Hydra's instantiate, one a maelab resolver raised (``${heads:...}``), or a disk that
+    refused a write (full, read-only); else None."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import InterpolationResolutionError
 
@@ -117,7 +118,19 @@ def user_message(error: Exception) -> str | None:
     prefix = "UserError raised while resolving interpolation: "  # OmegaConf keeps only the message
     if isinstance(error, InterpolationResolutionError) and str(error).startswith(prefix):
         return f"{error.full_key}: {str(error).splitlines()[0][len(prefix) :]}"
-    return None
+    return disk_message(error)
+
+
+def disk_message(error: Exception) -> str | None:
+    """A write the disk refused outside maelab's own writers (a logger's CSV, W&B's files)."""
+    from pathlib import Path
+
+    from maelab.atomic import cannot_write, os_error
+
+    refused = os_error(error)
+    if refused is None or not refused.filename:
+        return None
+    return cannot_write(Path(refused.filename), refused, 0)
 
 
 def pin_ddp_relaunch_to_this_job() -> None:
