@@ -1,13 +1,8 @@
 """checkpoints/last.ckpt: the file ``ckpt_path=last`` resumes."""
 
-import logging
 from pathlib import Path
 
 import lightning as L
-
-from maelab.atomic import TEMP_MARK
-
-log = logging.getLogger(__name__)
 
 
 class LastCheckpoint(L.Callback):
@@ -19,15 +14,6 @@ class LastCheckpoint(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_epochs = every_n_epochs
         self.saved_step: int | None = None  # the global step of the last write (Preemption reads it)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Remove what a job killed mid-write left (its temporary file; the checkpoint it was
-        replacing is intact)."""
-        if not trainer.is_global_zero or not self.path.parent.is_dir():
-            return
-        for leftover in self.path.parent.glob(f".*.ckpt{TEMP_MARK}*"):
-            leftover.unlink(missing_ok=True)
-            log.info("removed %s, a checkpoint write a stopped job did not finish", leftover)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:

@@ -74,11 +74,11 @@ class Throughput(L.Callback):
             self._start(pl_module)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training:
+        if validating_within_fit(trainer):
             self._flush(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.training:
+        if validating_within_fit(trainer):
             self._start(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -91,3 +91,11 @@ class Throughput(L.Callback):
         first_epoch = self.rates[0][0]
         later = [r for epoch, r in self.rates if epoch > first_epoch]
         return statistics.median(later or [r for _, r in self.rates])
+
+
+def validating_within_fit(trainer: L.Trainer) -> bool:
+    """A validation inside ``trainer.fit`` (not the sanity check). ``trainer.training`` is False
+    there: Lightning sets ``trainer.validating`` for the duration."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking

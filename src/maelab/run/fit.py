@@ -22,14 +22,15 @@ def run(cfg: DictConfig) -> dict:
     from maelab.config import apply_debug, register_resolvers
     from maelab.config.checks import validate
     from maelab.run.build import build
-    from maelab.run.output import check_output_writable, check_room_for_checkpoints
+    from maelab.run.output import check_output_writable, check_room_for_checkpoints, remove_unfinished_writes
 
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    check_output_writable(output_dir)  # first: a job killed from here on can be resumed with ckpt_path=last
+    remove_unfinished_writes(output_dir)
     register_resolvers()
     cfg = apply_debug(cfg)
     validate(cfg)  # before the parts are built: a bad value fails before any data is read
-    output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
-    check_output_writable(output_dir)
     datamodule, module, trainer = build(cfg)
     check_room_for_checkpoints(output_dir / "checkpoints", module)
     trust = bool(cfg.get("trust_checkpoint_code"))

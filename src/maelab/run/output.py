@@ -6,9 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from torch import nn
-
-from maelab.atomic import OutputError, cannot_write, human_bytes, remove_quietly
+from maelab.atomic import TEMP_MARK, OutputError, cannot_write, human_bytes, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +27,28 @@ def check_output_writable(output_dir: Path) -> None:
         remove_quietly(probe)
 
 
-def checkpoint_bytes(module: nn.Module) -> int:
+def remove_unfinished_writes(output_dir: Path) -> None:
+    """Remove the temporary files of writes a killed job did not finish (``write_atomically``'s
+    ``.<name>.tmp<pid>``); the files they were replacing are intact. One process does it: rank 0,
+    as Lightning reads it from the launcher's variables before any process group exists."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
+    for leftover in output_dir.rglob(f".*{TEMP_MARK}*"):
+        if leftover.is_file() and leftover.name.rpartition(TEMP_MARK)[2].isdigit():
+            remove_quietly(leftover)
+            log.info("removed %s, a write a stopped job did not finish", leftover)
+
+
+def checkpoint_bytes(module) -> int:
     """About the size of one checkpoint: the weights, and two optimizer moments per trained weight."""
     return sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in module.parameters()) + sum(
         b.numel() * b.element_size() for b in module.buffers()
     )
 
 
-def check_room_for_checkpoints(folder: Path, module: nn.Module) -> None:
+def check_room_for_checkpoints(folder: Path, module) -> None:
     """Refuse a run whose first checkpoint cannot fit on the disk; warn when a second one (the
     atomic write keeps the old file until the new one is complete) would not."""
     needed, free = checkpoint_bytes(module), shutil.disk_usage(folder).free
