@@ -2,9 +2,11 @@
 
 Each problem is reported as ``key=value: what is accepted``; all problems at once, then the run
 stops. Keys a task does not have are not checked, so one list serves every task. Values alone
-and relations between values are checked first, without importing anything heavy; then the
-contracts between the chosen parts (a callback and the datamodule or task it needs), which
-import their classes.
+and relations between values are checked first, without importing anything heavy; then whether
+the task fits the rest of the config (``task_fit.py``, which imports the task's class), before
+the values where the task was switched away from its experiment's, so that the user reads that
+first, in one line; then the contracts between the chosen parts (a callback and the datamodule
+it needs), which import their classes.
 """
 
 import logging
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from maelab.config.task_fit import task_fit_problems, task_switched
 from maelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,7 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("callbacks.reconstructions.every_n_epochs", positive_int, "a positive integer"),
     ("callbacks.reconstructions.num_images", positive_int, "a positive integer"),
     ("callbacks.throughput.window", positive_int, "a positive number of steps"),
+    ("callbacks.nonfinite_guard.max_skipped_steps", lambda v: _is_int(v) and v >= 0, "0 (stop at the first) or more"),
     ("callbacks.knn_monitor.every_n_epochs", positive_int, "a positive integer"),
     ("callbacks.knn_monitor.k", positive_int, "a positive number of neighbours"),
     ("callbacks.knn_monitor.temperature", lambda v: _is_num(v) and v > 0, "a positive number"),
@@ -142,6 +146,7 @@ REQUIRED_CALLBACKS = {
     "metric_history": "results.json's best and last epochs",
     "elapsed_time": "results.json's elapsed_s over every job of a resumed run",
     "preemption": "saving last.ckpt when SLURM, submitit or kill sends its signal",
+    "nonfinite_guard": "stopping at a NaN or Inf loss before it reaches the weights; max_skipped_steps tolerates some",
 }
 
 
@@ -225,29 +230,15 @@ def _callback_problems(get: Callable[[str], object]) -> list[str]:
 
 
 def _contract_problems(get: Callable[[str], object]) -> list[str]:
-    """Callbacks that need a pretraining task or a datamodule with more than loaders
-    (``data/protocols.py``). Imports the classes the config names."""
+    """Callbacks that need a datamodule with more than loaders (``data/protocols.py``); those that
+    need another task are ``task_fit.py``'s. Imports the classes the config names."""
     from hydra.utils import get_class
 
     from maelab.data.protocols import PreviewImages, SplitsOnDevice
-    from maelab.modules.pretrain import PretrainModule
 
-    def chosen(key: str):
-        target = get(f"{key}._target_")
-        return get_class(target) if isinstance(target, str) else None
-
-    task, data = chosen("task"), chosen("data")
+    target = get("data._target_")
+    data = get_class(target) if isinstance(target, str) else None
     problems = []
-    for name in ("reconstructions", "knn_monitor"):
-        if (
-            get(f"callbacks.{name}") not in (_ABSENT, None)
-            and task is not None
-            and not issubclass(task, PretrainModule)
-        ):
-            problems.append(
-                f"callbacks.{name}: monitors MAE pretraining, and this task classifies; "
-                f"choose callbacks=classifier (the classifier experiments do) or drop it with ~callbacks.{name}"
-            )
     needs = [("reconstructions", PreviewImages, "a fixed set of images to draw (preview_images)")]
     needs += [("knn_monitor", SplitsOnDevice, "a dataset held in memory (cifar10, synthetic): an image folder "
                "would be decoded whole at every check. Drop it with callbacks.knn_monitor=null (the ImageNet "
@@ -268,6 +259,8 @@ def validate(cfg: DictConfig) -> None:
     problems = _value_problems(cfg, get)
     for relation in (_patch_problems, _width_problems, _file_problems, _task_problems, _callback_problems):
         problems += relation(get)  # each relation checks only keys that are valid alone
+    if not problems or task_switched(cfg):  # it imports the task's class; a switched task is named first
+        problems = task_fit_problems(cfg) + problems  # raises where the switched task does not fit
     if not problems:
         problems = _contract_problems(get)
     if problems:

@@ -27,10 +27,10 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     check_output_writable(output_dir)  # first: a job killed from here on can be resumed with ckpt_path=last
-    remove_unfinished_writes(output_dir)
     register_resolvers()
     cfg = apply_debug(cfg)
     validate(cfg)  # before the parts are built: a bad value fails before any data is read
+    remove_unfinished_writes(output_dir)
     datamodule, module, trainer = build(cfg)
     check_room_for_checkpoints(output_dir / "checkpoints", module)
     trust = bool(cfg.get("trust_checkpoint_code"))
