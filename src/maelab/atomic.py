@@ -49,6 +49,7 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], size_h
         if refused is None:
             raise
         written = tmp.stat().st_size if tmp.exists() else 0
+        remove_quietly(tmp)  # before the free space is measured for the message
         raise OutputError(cannot_write(path, refused, size_hint or written)) from None
     finally:
         remove_quietly(tmp)
