@@ -18,6 +18,7 @@ COMMANDS = {  # command -> (module under maelab.commands, what it does)
     "sweep-report": ("sweep_report", "tabulate and plot a sweep's results: markdown, CSV and PNG"),
     "bench": ("bench", "time full training steps on this device: img/s, memory, FLOPs, utilisation"),
     "visualize": ("visualize", "draw masked | reconstruction | original for a pretraining checkpoint"),
+    "embed": ("embed", "features of every image from a checkpoint's encoder (cls or mean), with names and labels"),
 }
 
 EXAMPLES = """
@@ -28,7 +29,8 @@ examples:
   maelab train +experiment=finetune_vitt_cifar10 task.pretrained=<pretraining run>/checkpoints/last.ckpt
   maelab export outputs/finetune_vitt_cifar10/<run>/checkpoints/last.ckpt vit_t2_cifar10.pth
   maelab sweep-report multirun/mae_vitt_cifar10/<date>
-  maelab visualize outputs/pre/checkpoints/last.ckpt --images cifar10 --mask-ratio 0.75 0.85 0.95"""
+  maelab visualize outputs/pre/checkpoints/last.ckpt --images cifar10 --mask-ratio 0.75 0.85 0.95
+  maelab embed outputs/pre/checkpoints/last.ckpt --images cifar10 --out cifar10_test.pt --knn"""
 
 
 def _parser() -> argparse.ArgumentParser:

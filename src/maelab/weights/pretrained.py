@@ -86,7 +86,11 @@ def _first(keys: list[str]) -> str:
 def load_encoder(model: nn.Module, path: str | Path, trust: bool = False) -> None:
     """Load the encoder of ``path`` into a classifier (or any model with the encoder's names)."""
     state, kind = read_state_dict(path, trust)
-    source = f"{path} ({kind})"
+    load_encoder_state(model, state, f"{path} ({kind})")
+
+
+def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_encoder`` on a state dict already read; ``source`` names it in messages."""
     own = model.state_dict()
     unused = sorted({k.split(".")[0] for k in state if k not in own or k.startswith(HEAD_PREFIXES)})
     state = {k: v for k, v in state.items() if k in own and not k.startswith(HEAD_PREFIXES)}
