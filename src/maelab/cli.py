@@ -17,7 +17,7 @@ COMMANDS = {  # command -> (module under maelab.commands, what it does)
     "export": ("export", "write a checkpoint's encoder as a timm VisionTransformer state dict"),
     "sweep-report": ("sweep_report", "tabulate and plot a sweep's results: markdown, CSV and PNG"),
     "bench": ("bench", "time full training steps on this device: img/s, memory, FLOPs, utilisation"),
-    "visualize": ("visualize", "draw masked | reconstruction | original for a pretraining checkpoint"),
+    "visualize": ("visualize", "draw masked | reconstruction | original, or --attention: cls attention per head"),
     "embed": ("embed", "features of every image from a checkpoint's encoder (cls or mean), with names and labels"),
 }
 

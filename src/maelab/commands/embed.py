@@ -15,7 +15,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SYNTHETIC = {"train": (2048, 0), "test": (256, 1)}  # split -> (images, seed): the synthetic datamodule's sizes
 
 
-def load_encoder(ckpt: str, trust: bool):
+def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
     """(ViT encoder in eval mode, its input settings) from a maelab .ckpt or an official MAE .pth."""
     from maelab.models.vit import VisionTransformer
     from maelab.weights.loading import load_user_file
@@ -27,7 +27,7 @@ def load_encoder(ckpt: str, trust: bool):
     hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     if "cls_token" not in state:
         raise UserError(f"{ckpt} ({kind}) has no ViT encoder: cls_token is missing")
-    arch = architecture(state, hparams, None)
+    arch = architecture(state, hparams, num_heads)
     model = VisionTransformer(**arch)
     load_encoder_state(model, state, f"{ckpt} ({kind})")
     settings = {
@@ -142,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--knn", action="store_true", help="cifar10/synthetic: k-NN top-1 of --split against train")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (counted), not stop")
     p.add_argument("--device", help="default: cuda when present, else cpu")
+    p.add_argument("--num-heads", type=int, help="for official files of a width other than the named ViT sizes")
     p.add_argument("--trust-checkpoint-code", action="store_true", help="load CKPT with full pickle (trusted files)")
     return p
 
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected a positive number of images")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, settings = load_encoder(args.ckpt, args.trust_checkpoint_code)
+    model, settings = load_encoder(args.ckpt, args.trust_checkpoint_code, args.num_heads)
     named = args.images in ("cifar10", "synthetic")
     if args.knn and not named:
         raise UserError("--knn needs a labelled train split to vote with: --images cifar10 or synthetic")

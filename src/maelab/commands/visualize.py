@@ -1,7 +1,10 @@
-"""``maelab visualize``: what a pretrained MAE reconstructs (the paper's Fig. 2 and 4).
+"""``maelab visualize``: what a pretrained MAE reconstructs (the paper's Fig. 2 and 4), or with
+``--attention`` where its encoder looks (the figure DINO and MAE papers draw).
 
 One row per image: for each mask ratio and masking strategy asked for, the masked input and the
-reconstruction (visible patches pasted back), then the original. Column titles sit on top.
+reconstruction (visible patches pasted back), then the original. With ``--attention``: the
+original, then the last block's cls-to-patch attention averaged over heads and per head,
+upsampled over the image. Column titles sit on top.
 """
 
 import argparse
@@ -95,6 +98,49 @@ def figure(module, images: torch.Tensor, mask_ratios: list[float], maskings: lis
     return make_grid(cells, nrow=len(columns), padding=2, pad_value=1.0), titles
 
 
+@torch.no_grad()
+def cls_attention(model, x: torch.Tensor) -> torch.Tensor:
+    """(N, heads, L): the last block's attention of the cls token to each patch, softmaxed over
+    all tokens as the block computes it. timm's attention computes the probabilities itself on
+    its explicit (unfused) path; they are read there, not computed again."""
+    attn = model.blocks[-1].attn
+    captured = []
+    handle = attn.attn_drop.register_forward_hook(lambda module, args, out: captured.append(out))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        model.forward_features(x)
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
+    return captured[0][:, :, 0, 1:]
+
+
+def attention_figure(model, settings: dict, images: torch.Tensor, scale: int = 1):
+    """(3, H, W) in [0, 1] and the column titles: the original, then the cls-to-patch attention
+    averaged over heads and per head, each map upsampled over the image and drawn on it."""
+    from matplotlib import colormaps
+
+    from maelab.data.transforms import model_input
+
+    size = settings["img_size"]
+    x = model_input(images, settings["mean"], settings["std"], size)
+    attention = cls_attention(model, x)  # (N, heads, L)
+    grid = round(attention.shape[-1] ** 0.5)
+    maps = torch.cat([attention.mean(dim=1, keepdim=True), attention], dim=1).unflatten(-1, (grid, grid))
+    maps = torch.nn.functional.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    low, high = maps.amin(dim=(-2, -1), keepdim=True), maps.amax(dim=(-2, -1), keepdim=True)
+    heat = torch.from_numpy(colormaps["inferno"](((maps - low) / (high - low + 1e-12)).numpy())[..., :3]).float()
+    shown = torch.nn.functional.interpolate(images.float() / 255, size=(size, size), mode="bilinear")
+    gray = (shown * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)  # the scene, not
+    overlays = 0.3 * gray.unsqueeze(1) + 0.7 * heat.permute(0, 1, 4, 2, 3)  # its colours (N, 1 + heads, 3, S, S)
+    cells = torch.cat([shown.unsqueeze(1), overlays], dim=1)
+    titles = ["original", "mean of heads"] + [f"head {h + 1}" for h in range(attention.shape[1])]
+    cells = cells.flatten(0, 1)
+    if scale > 1:
+        cells = torch.nn.functional.interpolate(cells, scale_factor=scale, mode="nearest")
+    return make_grid(cells.clamp(0, 1), nrow=len(titles), padding=2, pad_value=1.0), titles
+
+
 def save_with_titles(grid: torch.Tensor, titles: list[str], out: str) -> None:
     """The grid as a PNG with each column's title above it."""
     from PIL import Image, ImageDraw
@@ -125,13 +171,22 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="the masks drawn")
     parser.add_argument("--scale", type=int, default=0, help="enlarge each image this many times; 0: to >= 96 px")
-    parser.add_argument("--out", default="reconstructions.png")
+    parser.add_argument("--out", help="the PNG to write; default: reconstructions.png, or attention.png")
+    parser.add_argument(
+        "--attention",
+        action="store_true",
+        help="draw the last block's cls-to-patch attention per head and averaged instead (any maelab or official "
+        "checkpoint)",
+    )
+    parser.add_argument("--num-heads", type=int, help="--attention: for official files of an unnamed ViT width")
     parser.add_argument(
         "--trust-checkpoint-code",
         action="store_true",
         help="load CKPT with full pickle, which can run code it holds: only for a file from a source you trust",
     )
     args = parser.parse_args(argv)
+    if args.attention:
+        return draw_attention(args)
     module = load_pretrain_module(args.ckpt, args.trust_checkpoint_code)
     images = load_images(args.images, args.num_images, module.img_size)
     scale = args.scale or -(-96 // module.img_size)
@@ -139,6 +194,21 @@ def main(argv: list[str]) -> int:
         grid, titles = figure(module, images, args.mask_ratio, args.masking, args.seed, scale)
     except ValueError as e:  # the model refuses a mask ratio that leaves nothing visible
         raise UserError(f"--mask-ratio: {e}") from None
-    save_with_titles(grid, titles, args.out)
-    print(f"wrote {args.out}: {len(images)} images x {len(titles)} columns ({', '.join(titles)})")
+    out = args.out or "reconstructions.png"
+    save_with_titles(grid, titles, out)
+    print(f"wrote {out}: {len(images)} images x {len(titles)} columns ({', '.join(titles)})")
+    return 0
+
+
+def draw_attention(args) -> int:
+    from maelab.commands.embed import load_encoder
+
+    model, settings = load_encoder(args.ckpt, args.trust_checkpoint_code, args.num_heads)
+    images = load_images(args.images, args.num_images, settings["img_size"])
+    grid, titles = attention_figure(model, settings, images, args.scale or -(-96 // settings["img_size"]))
+    out = args.out or "attention.png"
+    save_with_titles(grid, titles, out)
+    print(
+        f"wrote {out}: {len(images)} images x {len(titles)} columns (original, mean of heads, {len(titles) - 2} heads)"
+    )
     return 0
