@@ -92,3 +92,19 @@ def test_cifar10_s_test_split_is_embedded_whole_with_its_labels(checkpoint, tmp_
     main([str(checkpoint), "--images", "cifar10", "--out", str(tmp_path / "c.npz")])
     saved = np.load(tmp_path / "c.npz")
     assert saved["features"].shape == (10000, 32) and np.bincount(saved["labels"]).tolist() == [1000] * 10
+
+
+def test_knn_on_a_folder_votes_with_its_train_split_against_the_split_asked_for(checkpoint, tmp_path, capsys):
+    write_folder(tmp_path / "data" / "train", classes=True)
+    write_folder(tmp_path / "data" / "val", classes=True)
+    args = [str(checkpoint), "--images", str(tmp_path / "data"), "--out", str(tmp_path / "v.pt"), "--knn"]
+    main([*args, "--split", "val"])
+    top1 = float(capsys.readouterr().out.split("k-NN top-1 (k=20, val against train): ")[1])
+    assert top1 == 1.0  # the same six images in both splits: each finds itself first
+    with pytest.raises(UserError, match=r"--knn votes with train/ against test/, and .*data/test is missing"):
+        main(args)
+    write_folder(tmp_path / "plain" / "train", classes=False)
+    write_folder(tmp_path / "plain" / "val", classes=False)
+    with pytest.raises(UserError, match="has no class folders"):
+        main([str(checkpoint), "--images", str(tmp_path / "plain"), "--out", str(tmp_path / "w.pt"), "--knn",
+              "--split", "val"])  # fmt: skip

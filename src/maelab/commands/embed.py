@@ -39,8 +39,9 @@ def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
 
 
 def folder_images(folder: Path, size: int, skip_bad: bool):
-    """(uint8 images, names, labels or None): every image under ``folder`` (recursively, sorted),
-    resized (short side) and center-cropped to ``size``; class folders, where there are, label them."""
+    """(uint8 images, names, labels or None, class names): every image under ``folder``
+    (recursively, sorted), resized (short side) and center-cropped to ``size``; class folders,
+    where every image sits in one, label them."""
     from torchvision import transforms as T
 
     from maelab.data.files import IMAGE_SUFFIXES, read_rgb
@@ -66,7 +67,7 @@ def folder_images(folder: Path, size: int, skip_bad: bool):
         print(f"skipped {len(skipped)} unreadable files, e.g. {skipped[0]}")
     if not images:
         raise UserError(f"--images {folder}: none of its {len(files)} image files is readable")
-    return torch.stack(images), names, torch.tensor(labels) if labelled else None
+    return torch.stack(images), names, torch.tensor(labels) if labelled else None, classes if labelled else None
 
 
 def split_images(source: str, split: str, size: int):
@@ -135,11 +136,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ckpt", help="a maelab checkpoint (pretraining or classifier) or an official MAE .pth")
     p.add_argument("--images", required=True, help="a folder of images (class folders: labels), cifar10 or synthetic")
-    p.add_argument("--split", default="test", choices=("train", "test"), help="cifar10 and synthetic: which split")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="cifar10, synthetic (train, test), or with --knn a folder's DIR/<split>/")  # fmt: skip
     p.add_argument("--out", required=True, help="FILE.pt or FILE.npz")
     p.add_argument("--pool", default="cls", choices=("cls", "mean"), help="cls token, or mean of the patch tokens")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--knn", action="store_true", help="cifar10/synthetic: k-NN top-1 of --split against train")
+    p.add_argument("--knn", action="store_true", help="k-NN top-1 of --split against the train split (DIR/train/)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (counted), not stop")
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--num-heads", type=int, help="for official files of a width other than the named ViT sizes")
@@ -153,26 +155,38 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--batch-size {args.batch_size}: expected a positive number of images")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, settings = load_encoder(args.ckpt, args.trust_checkpoint_code, args.num_heads)
-    named = args.images in ("cifar10", "synthetic")
-    if args.knn and not named:
-        raise UserError("--knn needs a labelled train split to vote with: --images cifar10 or synthetic")
-    if named:
-        images, names, labels = split_images(args.images, args.split, settings["img_size"])
-    else:
-        images, names, labels = folder_images(Path(args.images), settings["img_size"], args.skip_bad_images)
+    images, names, labels, classes = images_of(args, args.split, settings["img_size"])
     features = embed(model, settings, images, args.pool, args.batch_size, device)
     save(Path(args.out), features, names, labels, args.pool, args.ckpt)
     print(f"wrote {args.out}: {len(names)} x {features.shape[1]} features ({args.pool})"
           + ("" if labels is None else f", labels of {int(labels.max()) + 1} classes"))  # fmt: skip
     if args.knn:
-        print(f"k-NN top-1 (k=20, {args.split} against train): {knn_top1(model, settings, args, features, labels):.4f}")
+        from maelab.callbacks.knn_monitor import knn_accuracy
+
+        bank_images, _, bank_labels, bank_classes = images_of(args, "train", settings["img_size"])
+        if bank_classes != classes:
+            raise UserError(
+                f"--knn: the train split's classes {bank_classes} differ from --split {args.split}'s {classes}"
+            )
+        bank = embed(model, settings, bank_images, args.pool, args.batch_size, device)
+        top1 = knn_accuracy(bank, bank_labels, features, labels, num_classes=int(bank_labels.max()) + 1, k=20)
+        print(f"k-NN top-1 (k=20, {args.split} against train): {top1:.4f}")
     return 0
 
 
-def knn_top1(model, settings: dict, args, features: torch.Tensor, labels: torch.Tensor) -> float:
-    from maelab.callbacks.knn_monitor import knn_accuracy
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bank_images, _, bank_labels = split_images(args.images, "train", settings["img_size"])
-    bank = embed(model, settings, bank_images, args.pool, args.batch_size, device)
-    return knn_accuracy(bank, bank_labels, features, labels, num_classes=int(bank_labels.max()) + 1, k=20)
+def images_of(args, split: str, size: int):
+    """(uint8 images, names, labels, class names) of ``--images``: a named dataset's split; a
+    folder whole, or with ``--knn`` its ``split/`` folder, which must have class folders."""
+    if args.images in ("cifar10", "synthetic"):
+        if split == "val":
+            raise UserError(f"--split val: {args.images} has a train and a test split")
+        images, names, labels = split_images(args.images, split, size)
+        return images, names, labels, list(range(10))
+    folder = Path(args.images) / split if args.knn else Path(args.images)
+    if not folder.is_dir():
+        raise UserError(f"--images {args.images}: " + (f"--knn votes with train/ against {split}/, and {folder} is "
+                        "missing" if args.knn else "neither a folder nor one of: cifar10, synthetic"))  # fmt: skip
+    images, names, labels, classes = folder_images(folder, size, args.skip_bad_images)
+    if args.knn and labels is None:
+        raise UserError(f"--knn: {folder} has no class folders (<class>/image) to label its images")
+    return images, names, labels, classes
