@@ -37,8 +37,9 @@ class NonFiniteGuard(L.Callback):
         self.skipped = state_dict["skipped"]
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        # the latest loss, or the non-finite one of an earlier micro-batch: tensor ops, no host sync
         loss = loss.detach().float()
-        self._loss = loss if self._loss is None or not torch.isfinite(loss) else self._loss
+        self._loss = loss if self._loss is None else torch.where(torch.isfinite(self._loss), loss, self._loss)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         loss, self._loss = self._loss, None

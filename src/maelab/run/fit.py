@@ -4,6 +4,7 @@ once, and write results.json into the run's output directory."""
 
 import logging
 import os
+import shlex
 import signal
 import time
 from contextlib import contextmanager
@@ -105,7 +106,7 @@ def resume_command(checkpoint: Path) -> str:
         words.append(f"hydra.run.dir={hydra_cfg.runtime.output_dir}")
     except ValueError:  # composed outside a Hydra app (tests, notebooks): only the key that changes
         words.append("...")
-    return " ".join([*words, f"ckpt_path={checkpoint}"])
+    return shlex.join([*words, f"ckpt_path={checkpoint}"])  # quoted for the shell it is pasted into
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:

@@ -59,9 +59,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(path: str, module: torch.nn.Module, trust: bool = False) -> None:
-    """Stop before training when a checkpoint to resume is unreadable (naming the newest readable
-    one and the command that resumes from it) or holds another architecture (naming the
-    parameters whose shapes differ and the settings it was trained with)."""
+    """Stop before training when a checkpoint to resume is unreadable (``UnreadableCheckpoint``;
+    ``run/fit.py`` names the newest readable one beside it) or holds another architecture (naming
+    the parameters whose shapes differ and the settings it was trained with)."""
     checkpoint = load_weights_file(path, trust=trust, mmap=True)
     saved = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
