@@ -12,7 +12,6 @@ import torch
 from maelab.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-SYNTHETIC = {"train": (2048, 0), "test": (256, 1)}  # split -> (images, seed): the synthetic datamodule's sizes
 
 
 def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
@@ -71,21 +70,19 @@ def folder_images(folder: Path, size: int, skip_bad: bool):
 
 
 def split_images(source: str, split: str, size: int):
-    """(uint8 images, names, labels) of CIFAR-10's or the synthetic shapes' ``split`` (train or test)."""
+    """(uint8 images, names, labels) of CIFAR-10's or the synthetic shapes' ``split`` (train or
+    test), read by their datamodules (``conf/data/``'s defaults: 32 px shapes, data.seed 0)."""
+    import os
+
+    from maelab.data.cifar10 import CIFAR10DataModule
+    from maelab.data.synthetic import SyntheticDataModule
+
+    common = dict(img_size=32, num_classes=10, batch_size=1, mean=[0.5] * 3, std=[0.5] * 3)  # mean, std: unused
     if source == "synthetic":
-        from maelab.data.synthetic import make_shapes
-
-        n, seed = SYNTHETIC[split]
-        images, labels = make_shapes(n, 32, 10, seed=seed)
+        dm = SyntheticDataModule(**common)
     else:
-        import os
-
-        from maelab.data.cifar10 import CIFAR10DataModule
-
-        root = os.environ.get("MAELAB_CIFAR10", "data/cifar10")
-        dm = CIFAR10DataModule(root=root, download=False, img_size=size, num_classes=10, batch_size=1, mean=[0.5] * 3,
-                               std=[0.5] * 3)  # fmt: skip
-        images, labels = dm.load_split(split)
+        dm = CIFAR10DataModule(root=os.environ.get("MAELAB_CIFAR10", "data/cifar10"), download=False, **common)
+    images, labels = dm.load_split(split)
     return images, [f"{source}/{split}/{i}" for i in range(len(images))], labels
 
 
