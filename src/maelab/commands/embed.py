@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from maelab.commands import TRUST_FLAG, add_trust_flag
 from maelab.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -21,7 +22,7 @@ def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
     from maelab.weights.pretrained import load_encoder_state, state_dict_of
     from maelab.weights.timm import architecture
 
-    raw = load_user_file(ckpt, trust=trust, setting="--trust-checkpoint-code")
+    raw = load_user_file(ckpt, trust=trust, setting=TRUST_FLAG)
     state, kind = state_dict_of(raw, ckpt)
     hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     if "cls_token" not in state:
@@ -142,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (counted), not stop")
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--num-heads", type=int, help="for official files of a width other than the named ViT sizes")
-    p.add_argument("--trust-checkpoint-code", action="store_true", help="load CKPT with full pickle (trusted files)")
+    add_trust_flag(p)
     return p
 
 

@@ -1,6 +1,7 @@
 """``maelab export CKPT OUT``: a checkpoint's encoder (and head) as a timm ``VisionTransformer``
 state dict plus ``OUT.json`` with the ``timm.create_model`` arguments (``weights/timm.py``)."""
 
+from maelab.commands import add_trust_flag
 from maelab.weights.timm import export
 
 
@@ -16,11 +17,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", help="the state dict to write (e.g. vit_t2_cifar10.pth)")
     parser.add_argument("--global-pool", choices=("avg", "token"), help="default: the classifier's own, else token")
     parser.add_argument("--num-heads", type=int, help="for official files of a width other than the named sizes")
-    parser.add_argument(
-        "--trust-checkpoint-code",
-        action="store_true",
-        help="load CKPT with full pickle, which can run code it holds: only for a file from a source you trust",
-    )
+    add_trust_flag(parser)
     args = parser.parse_args(argv)
     meta = export(args.ckpt, args.out, args.global_pool, args.num_heads, trust=args.trust_checkpoint_code)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in meta["kwargs"].items())

@@ -15,6 +15,7 @@ import torch
 from torchvision.utils import make_grid
 
 from maelab.atomic import write_atomically
+from maelab.commands import TRUST_FLAG, add_trust_flag
 from maelab.errors import UserError
 
 TITLE_HEIGHT = 14
@@ -32,7 +33,7 @@ def load_pretrain_module(ckpt: str, trust: bool = False):
     from maelab.weights.loading import load_user_file
 
     expected = "a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt)"
-    state = load_user_file(ckpt, trust=trust, setting="--trust-checkpoint-code", expected=expected)
+    state = load_user_file(ckpt, trust=trust, setting=TRUST_FLAG, expected=expected)
     hparams = state.get("hyper_parameters", {}) if isinstance(state, dict) else {}
     if hparams.get("target") is None or "state_dict" not in state:
         raise UserError(f"{ckpt}: not a maelab pretraining checkpoint (no hyper-parameters with a target)")
@@ -179,11 +180,7 @@ def main(argv: list[str]) -> int:
         "checkpoint)",
     )
     parser.add_argument("--num-heads", type=int, help="--attention: for official files of an unnamed ViT width")
-    parser.add_argument(
-        "--trust-checkpoint-code",
-        action="store_true",
-        help="load CKPT with full pickle, which can run code it holds: only for a file from a source you trust",
-    )
+    add_trust_flag(parser)
     args = parser.parse_args(argv)
     if args.attention:
         return draw_attention(args)
