@@ -3,7 +3,7 @@
 import timm
 import torch
 
-from maelab.commands.export import export
+from maelab.weights.timm import export
 from maelab.models.classifier import ViTClassifier
 from maelab.weights.pretrained import load_encoder
 from tests.conftest import SMALL

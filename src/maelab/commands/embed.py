@@ -12,28 +12,34 @@ import torch
 from maelab.commands import TRUST_FLAG, add_trust_flag
 from maelab.errors import UserError
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
 
 def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
-    """(ViT encoder in eval mode, its input settings) from a maelab .ckpt or an official MAE .pth."""
+    """(ViT encoder in eval mode, its input settings) from a maelab .ckpt, an official MAE .pth
+    or a Hugging Face ViTMAE / ViT folder."""
     from maelab.models.vit import VisionTransformer
+    from maelab.weights import hf
     from maelab.weights.loading import load_user_file
     from maelab.weights.pretrained import load_encoder_state, state_dict_of
     from maelab.weights.timm import architecture
 
-    raw = load_user_file(ckpt, trust=trust, setting=TRUST_FLAG)
-    state, kind = state_dict_of(raw, ckpt)
-    hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
+    if hf.is_hf_directory(ckpt):
+        state, settings, kind = hf.read_hf_directory(ckpt, trust, TRUST_FLAG)
+        hparams = {"model": {"num_heads": settings["num_heads"]}, **hf.read_preprocessing(ckpt)}
+    else:
+        raw = load_user_file(ckpt, trust=trust, setting=TRUST_FLAG)
+        state, kind = state_dict_of(raw, ckpt)
+        hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     if "cls_token" not in state:
         raise UserError(f"{ckpt} ({kind}) has no ViT encoder: cls_token is missing")
     arch = architecture(state, hparams, num_heads)
     model = VisionTransformer(**arch)
     load_encoder_state(model, state, f"{ckpt} ({kind})")
+    if hf.is_hf_directory(ckpt):
+        hf.check_settings(model, settings, ckpt, decoder=False)  # says when its LayerNorm epsilon is not MAE's
     settings = {
         "img_size": hparams.get("img_size", arch["img_size"]),
-        "mean": list(hparams.get("mean") or IMAGENET_MEAN),
-        "std": list(hparams.get("std") or IMAGENET_STD),
+        "mean": list(hparams.get("mean") or hf.IMAGENET_MEAN),
+        "std": list(hparams.get("std") or hf.IMAGENET_STD),
     }
     return model.eval(), settings
 

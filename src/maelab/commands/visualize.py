@@ -30,15 +30,42 @@ def load_pretrain_module(ckpt: str, trust: bool = False):
     """A maelab pretraining checkpoint (``last.ckpt``) as a PretrainModule on the CPU, eval mode,
     read as weights only unless ``trust`` (``--trust-checkpoint-code``)."""
     from maelab.modules.pretrain import PretrainModule
+    from maelab.weights.hf import is_hf_directory
     from maelab.weights.loading import load_user_file
 
-    expected = "a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt)"
+    if is_hf_directory(ckpt):
+        return hf_pretrain_module(ckpt, trust)
+    expected = "a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt) or a Hugging Face ViTMAEForPreTraining"
     state = load_user_file(ckpt, trust=trust, setting=TRUST_FLAG, expected=expected)
     hparams = state.get("hyper_parameters", {}) if isinstance(state, dict) else {}
     if hparams.get("target") is None or "state_dict" not in state:
         raise UserError(f"{ckpt}: not a maelab pretraining checkpoint (no hyper-parameters with a target)")
     module = PretrainModule(**hparams)
     module.load_state_dict(state["state_dict"])
+    return module.eval()
+
+
+def hf_pretrain_module(folder: str, trust: bool):
+    """A Hugging Face ViTMAEForPreTraining folder as a PretrainModule of its own settings."""
+    from maelab.modules.pretrain import PretrainModule
+    from maelab.weights.hf import read_config, read_preprocessing, settings_of
+    from maelab.weights.pretrained import load_full
+
+    settings = settings_of(read_config(Path(folder)))
+    if "decoder_width" not in settings:
+        raise UserError(f"{folder}: a ViT without MAE's decoder reconstructs nothing; draw it with --attention")
+    target = "NormPixelTarget" if settings["norm_pix_loss"] else "PixelTarget"
+    module = PretrainModule(
+        model={k: settings[k] for k in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")},
+        target={"_target_": f"maelab.models.targets.{target}"},
+        masking={"_target_": "maelab.models.masking.RandomMasking"},
+        augment=None,
+        img_size=settings["img_size"],
+        mask_ratio=settings["mask_ratio"],
+        **{k: settings[k] for k in ("decoder_width", "decoder_depth", "decoder_heads")},
+        **read_preprocessing(folder),
+    )
+    load_full(module.model, folder, trust)
     return module.eval()
 
 
@@ -163,7 +190,11 @@ def main(argv: list[str]) -> int:
         description="Draw what a pretrained MAE reconstructs: masked input and reconstruction for each mask "
         "ratio and masking strategy, then the original, one row per image.",
     )
-    parser.add_argument("ckpt", help="a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt)")
+    parser.add_argument(
+        "ckpt",
+        help="a maelab pretraining checkpoint (<run>/checkpoints/last.ckpt) or a Hugging Face ViTMAEForPreTraining "
+        "folder; with --attention also a classifier, an official MAE .pth or a ViTMAEModel / ViT folder",
+    )
     parser.add_argument("--images", default="synthetic", help="a folder of images, or cifar10, or synthetic")
     parser.add_argument("--num-images", type=int, default=6)
     parser.add_argument("--mask-ratio", type=float, nargs="+", default=[0.75], help="e.g. 0.75 0.85 0.95")

@@ -103,9 +103,14 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     (
         "task.pretrained",
         lambda v: v is None or isinstance(v, str),
-        "null (random weights) or a checkpoint: a pretraining run's checkpoints/last.ckpt or an official MAE .pth",
+        "null (random weights) or a checkpoint: a pretraining run's checkpoints/last.ckpt, an official MAE .pth "
+        "or a Hugging Face ViTMAE / ViT folder",
     ),
-    ("task.init_from", lambda v: v is None or isinstance(v, str), "null or the path of a pretraining checkpoint"),
+    (
+        "task.init_from",
+        lambda v: v is None or isinstance(v, str),
+        "null or a pretraining checkpoint (maelab .ckpt, official .pth, Hugging Face ViTMAEForPreTraining folder)",
+    ),
     ("task.global_pool", lambda v: v in ("avg", "token"), "avg (mean of patch tokens) or token (cls)"),
     ("task.optimizer", lambda v: v in ("adamw", "lars"), "adamw or lars"),
     ("task.layer_decay", lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1], 1.0 for none"),
@@ -184,7 +189,12 @@ def _file_problems(get: Callable[[str], object]) -> list[str]:
     resuming = get("ckpt_path") not in (None, _ABSENT)  # a resumed run does not read the file again
     for key in ("task.pretrained", "task.init_from"):
         path = get(key)
-        if isinstance(path, str) and not resuming and not Path(path).expanduser().is_file():
+        if not isinstance(path, str) or resuming:
+            continue
+        where = Path(path).expanduser()
+        if where.is_dir() and not (where / "config.json").is_file():
+            problems.append(f"{key}={path}: a folder without config.json; a Hugging Face model folder has one")
+        elif not where.exists():
             problems.append(f"{key}={path}: no such file (relative paths start at {Path.cwd()})")
     return problems
 

@@ -1,5 +1,6 @@
-"""Weights users already have: maelab checkpoints (Lightning ``.ckpt``) and the official MAE
-``.pth`` files (``{'model': state_dict, ...}``, the same parameter names as maelab's models).
+"""Weights users already have: maelab checkpoints (Lightning ``.ckpt``), the official MAE
+``.pth`` files (``{'model': state_dict, ...}``, the same parameter names as maelab's models) and
+Hugging Face ViTMAE / ViT folders (renamed in ``weights/hf.py``).
 
 Loading is strict about what matters: every encoder tensor the model has must come from the
 file with the same shape, except a head and its ``fc_norm`` (new for a classifier) and a
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maelab.errors import UserError
+from maelab.weights.hf import check_settings, is_hf_directory, read_config, read_hf_directory, settings_of
 from maelab.weights.loading import TRUST_SETTING, load_user_file
 
 log = logging.getLogger(__name__)
@@ -26,9 +28,19 @@ def read_state_dict(
     path: str | Path, trust: bool = False, setting: str = TRUST_SETTING
 ) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict with the model's own names, what the file was) from a maelab checkpoint,
-    an official MAE file, or a bare state dict; read as weights only unless ``trust``."""
+    an official MAE file, a bare state dict or a Hugging Face model folder; read as weights only
+    unless ``trust``."""
+    if is_hf_directory(path):
+        state, _, kind = read_hf_directory(path, trust, setting)
+        return state, kind
     ckpt = load_user_file(path, trust=trust, setting=setting)
     return state_dict_of(ckpt, path)
+
+
+def check_hf_settings(model: nn.Module, path: str | Path, decoder: bool) -> None:
+    """A Hugging Face folder names its model's settings: refuse a model of other settings."""
+    if is_hf_directory(path):
+        check_settings(model, settings_of(read_config(Path(path))), str(path), decoder)
 
 
 def state_dict_of(ckpt, path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -85,6 +97,7 @@ def _first(keys: list[str]) -> str:
 
 def load_encoder(model: nn.Module, path: str | Path, trust: bool = False) -> None:
     """Load the encoder of ``path`` into a classifier (or any model with the encoder's names)."""
+    check_hf_settings(model, path, decoder=False)
     state, kind = read_state_dict(path, trust)
     load_encoder_state(model, state, f"{path} ({kind})")
 
@@ -98,7 +111,7 @@ def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], source:
     if missing:
         raise UserError(
             f"{source} lacks encoder weight {_first(missing)}; "
-            "pass a maelab pretraining or classifier checkpoint, or an official MAE file"
+            "pass a maelab pretraining or classifier checkpoint, an official MAE file or a Hugging Face folder"
         )
     fit_positions(state, model, source)
     check_shapes(state, own, source)
@@ -112,7 +125,8 @@ def load_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], source:
 
 def load_full(model: nn.Module, path: str | Path, trust: bool = False) -> None:
     """Load every tensor of ``model`` (encoder and decoder) from ``path``: an MAE that continues
-    from an official or maelab pretraining checkpoint."""
+    from an official or maelab pretraining checkpoint, or a Hugging Face ViTMAEForPreTraining."""
+    check_hf_settings(model, path, decoder=True)
     state, kind = read_state_dict(path, trust)
     source = f"{path} ({kind})"
     own = model.state_dict()
@@ -122,7 +136,8 @@ def load_full(model: nn.Module, path: str | Path, trust: bool = False) -> None:
     if missing:
         raise UserError(
             f"{source} lacks {_first(missing)}; "
-            "task.init_from needs a pretraining checkpoint with its decoder (maelab or official MAE)"
+            "task.init_from needs a pretraining checkpoint with its decoder (maelab, official MAE or Hugging Face "
+            "ViTMAEForPreTraining)"
         )
     state = {k: state[k] for k in own if k in state}
     fit_positions(state, model, source)
