@@ -108,3 +108,17 @@ def test_knn_on_a_folder_votes_with_its_train_split_against_the_split_asked_for(
     with pytest.raises(UserError, match="has no class folders"):
         main([str(checkpoint), "--images", str(tmp_path / "plain"), "--out", str(tmp_path / "w.pt"), "--knn",
               "--split", "val"])  # fmt: skip
+
+
+def test_imagenet_is_the_folder_of_maelab_imagenet_and_defaults_to_its_val_split(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAELAB_IMAGENET", str(tmp_path / "imagenet"))
+    with pytest.raises(UserError, match=r"imagenet/val is not a folder; ImageNet has train/ and val/"):
+        main([str(checkpoint), "--images", "imagenet", "--out", str(tmp_path / "i.pt")])
+    write_folder(tmp_path / "imagenet" / "train", classes=True)
+    write_folder(tmp_path / "imagenet" / "val", classes=True)
+    for workers in ("0", "2"):  # read in this process, and by two DataLoader workers: the same features
+        main([str(checkpoint), "--images", "imagenet", "--out", str(tmp_path / f"i{workers}.pt"), "--workers", workers,
+              "--batch-size", "4"])  # fmt: skip
+    inline, parallel = (torch.load(tmp_path / f"i{w}.pt", weights_only=True) for w in ("0", "2"))
+    assert torch.equal(inline["features"], parallel["features"]) and inline["names"] == parallel["names"]
+    assert inline["names"][0] == "cat/0.png" and inline["labels"].tolist() == [0, 0, 0, 1, 1, 1]

@@ -3,9 +3,9 @@
 import timm
 import torch
 
-from maelab.weights.timm import export
 from maelab.models.classifier import ViTClassifier
 from maelab.weights.pretrained import load_encoder
+from maelab.weights.timm import export
 from tests.conftest import SMALL
 
 

@@ -1,16 +1,28 @@
-"""``maelab embed CKPT --images DIR|cifar10|synthetic --out FILE``: the encoder's features of
+"""``maelab embed CKPT --images DIR|cifar10|synthetic|imagenet --out FILE``: the encoder's features of
 every image, unmasked: the cls token (what the k-NN monitor and the linear probe read) or the
 mean of the patch tokens. Written as one ``.pt`` (a dict) or ``.npz`` with the file names and,
 where the images have classes, the labels. ``--knn`` prints the k-NN top-1 (k=20, cosine,
 T=0.07, as ``callbacks/knn_monitor.py`` computes it) of a labelled split against the training split."""
 
 import argparse
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from maelab.commands import TRUST_FLAG, add_trust_flag
 from maelab.errors import UserError
+
+
+@dataclass
+class Images:
+    """What ``--images`` names: uint8 batches (with each image's index into ``names``), as read."""
+
+    batches: object  # an iterable of (uint8 batch, indices)
+    names: list[str]
+    labels: torch.Tensor | None
+    classes: list | None
 
 
 def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
@@ -44,43 +56,64 @@ def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
     return model.eval(), settings
 
 
-def folder_images(folder: Path, size: int, skip_bad: bool):
-    """(uint8 images, names, labels or None, class names): every image under ``folder``
-    (recursively, sorted), resized (short side) and center-cropped to ``size``; class folders,
-    where every image sits in one, label them."""
-    from torchvision import transforms as T
+class FileImages(torch.utils.data.Dataset):
+    """Files read, resized (short side) and center-cropped in DataLoader workers; an unreadable
+    file comes back as its error, for the main process to name or skip."""
 
-    from maelab.data.files import IMAGE_SUFFIXES, read_rgb
+    def __init__(self, files: list[Path], size: int):
+        from torchvision import transforms as T
+
+        self.files = files
+        self.view = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.PILToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from maelab.data.files import read_rgb
+
+        try:
+            return i, self.view(read_rgb(self.files[i]))
+        except Exception as e:  # noqa: BLE001  (PIL reports a bad file in many types)
+            return i, f"{type(e).__name__}: {e}"
+
+
+def folder_images(folder: Path, size: int, skip_bad: bool, batch_size: int, workers: int) -> Images:
+    """Every image under ``folder`` (recursively, sorted), streamed in batches (a folder may not fit
+    in memory); class folders, where every image sits in one, label them."""
+    from maelab.data.files import IMAGE_SUFFIXES
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise UserError(f"--images {folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under it")
-    classes = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
-    labelled = classes and all(len(p.relative_to(folder).parts) > 1 for p in files)
-    view = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.PILToTensor()])
-    images, names, labels, skipped = [], [], [], []
-    for path in progress(files, "reading"):
-        try:
-            images.append(view(read_rgb(path)))
-        except Exception as e:  # noqa: BLE001  (PIL reports a bad file in many types)
-            if not skip_bad:
-                raise UserError(f"{path}: unreadable ({e}); --skip-bad-images leaves such files out") from None
-            skipped.append(path)
-            continue
-        names.append(str(path.relative_to(folder)))
-        labels.append(classes.index(path.relative_to(folder).parts[0]) if labelled else -1)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable files, e.g. {skipped[0]}")
-    if not images:
-        raise UserError(f"--images {folder}: none of its {len(files)} image files is readable")
-    return torch.stack(images), names, torch.tensor(labels) if labelled else None, classes if labelled else None
+    parts = [p.relative_to(folder).parts for p in files]
+    classes = sorted({q[0] for q in parts if len(q) > 1})
+    labelled = bool(classes) and all(len(q) > 1 for q in parts)
+    labels = torch.tensor([classes.index(q[0]) for q in parts]) if labelled else None
+    loader = torch.utils.data.DataLoader(
+        FileImages(files, size), batch_size, num_workers=workers, collate_fn=list, persistent_workers=False
+    )
+
+    def batches():
+        skipped = []
+        for items in loader:
+            good = [(i, image) for i, image in items if isinstance(image, torch.Tensor)]
+            for i, error in (item for item in items if not isinstance(item[1], torch.Tensor)):
+                if not skip_bad:
+                    raise UserError(f"{files[i]}: unreadable ({error}); --skip-bad-images leaves such files out")
+                skipped.append(files[i])
+            if good:
+                yield torch.stack([image for _, image in good]), [i for i, _ in good]
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable files, e.g. {skipped[0]}")
+
+    names = [str(p.relative_to(folder)) for p in files]
+    return Images(batches(), names, labels, classes if labelled else None)
 
 
 def split_images(source: str, split: str, size: int):
     """(uint8 images, names, labels) of CIFAR-10's or the synthetic shapes' ``split`` (train or
     test), read by their datamodules (``conf/data/``'s defaults: 32 px shapes, data.seed 0)."""
-    import os
-
     from maelab.data.cifar10 import CIFAR10DataModule
     from maelab.data.synthetic import SyntheticDataModule
 
@@ -93,26 +126,28 @@ def split_images(source: str, split: str, size: int):
     return images, [f"{source}/{split}/{i}" for i in range(len(images))], labels
 
 
-def progress(items, what: str):
+@torch.no_grad()
+def embed(model, settings: dict, images: Images, pool: str, device: torch.device) -> tuple[torch.Tensor, Images]:
+    """(N, D) float features of the images read, in batches on ``device``, and the images' names
+    and labels less those left out (``--skip-bad-images``)."""
     from tqdm import tqdm
 
-    # disable=None: drawn on a terminal, silent in a batch job's log
-    return tqdm(items, desc=what, unit="img" if what == "reading" else "batch", leave=False, disable=None)
-
-
-@torch.no_grad()
-def embed(model, settings: dict, images: torch.Tensor, pool: str, batch_size: int, device: torch.device):
-    """(N, D) float features of uint8 images, in batches on ``device``."""
     from maelab.data.transforms import model_input
 
     model.to(device)
-    out = []
-    for start in progress(range(0, len(images), batch_size), "embedding"):
-        x = model_input(images[start : start + batch_size].to(device), settings["mean"], settings["std"],
-                        settings["img_size"])  # fmt: skip
-        tokens = model.forward_features(x)
-        out.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float().cpu())
-    return torch.cat(out)
+    out, kept = [], []
+    # disable=None: drawn on a terminal, silent in a batch job's log
+    with tqdm(total=len(images.names), desc="embedding", unit="img", leave=False, disable=None) as bar:
+        for batch, indices in images.batches:
+            x = model_input(batch.to(device), settings["mean"], settings["std"], settings["img_size"])
+            tokens = model.forward_features(x)
+            out.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float().cpu())
+            kept += indices
+            bar.update(len(batch))
+    if not kept:
+        raise UserError(f"--images: none of its {len(images.names)} image files is readable")
+    labels = None if images.labels is None else images.labels[kept]
+    return torch.cat(out), Images([], [images.names[i] for i in kept], labels, images.classes)
 
 
 def save(out: Path, features: torch.Tensor, names: list[str], labels, pool: str, ckpt: str) -> None:
@@ -132,19 +167,27 @@ def save(out: Path, features: torch.Tensor, names: list[str], labels, pool: str,
         raise UserError(f"--out {out}: expected a .pt (a dict: features, names, labels) or .npz file")
 
 
+NAMED = ("cifar10", "synthetic", "imagenet")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="maelab embed",
         description="Features of every image from a checkpoint's encoder, unmasked: cls token or mean of patch "
         "tokens, written with file names and labels; --knn prints the k-NN top-1 (k=20) as the monitor does.",
     )
-    p.add_argument("ckpt", help="a maelab checkpoint (pretraining or classifier) or an official MAE .pth")
-    p.add_argument("--images", required=True, help="a folder of images (class folders: labels), cifar10 or synthetic")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="cifar10, synthetic (train, test), or with --knn a folder's DIR/<split>/")  # fmt: skip
+    p.add_argument(
+        "ckpt", help="a maelab checkpoint (<run>/checkpoints/last.ckpt), an official MAE .pth or a Hugging Face folder"
+    )
+    p.add_argument("--images", required=True, help="a folder of images (class folders: labels), cifar10, "
+                   "synthetic, or imagenet ($MAELAB_IMAGENET, else data/imagenet)")  # fmt: skip
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="default: test for cifar10 and synthetic, val for imagenet; a folder: all of it, or with "
+                   "--knn DIR/test/")  # fmt: skip
     p.add_argument("--out", required=True, help="FILE.pt or FILE.npz")
     p.add_argument("--pool", default="cls", choices=("cls", "mean"), help="cls token, or mean of the patch tokens")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, help="processes reading a folder's files; default: the CPUs less one, <= 8")
     p.add_argument("--knn", action="store_true", help="k-NN top-1 of --split against the train split (DIR/train/)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (counted), not stop")
     p.add_argument("--device", help="default: cuda when present, else cpu")
@@ -157,40 +200,50 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected a positive number of images")
+    args.split = args.split or ("val" if args.images == "imagenet" else "test")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, settings = load_encoder(args.ckpt, args.trust_checkpoint_code, args.num_heads)
-    images, names, labels, classes = images_of(args, args.split, settings["img_size"])
-    features = embed(model, settings, images, args.pool, args.batch_size, device)
-    save(Path(args.out), features, names, labels, args.pool, args.ckpt)
-    print(f"wrote {args.out}: {len(names)} x {features.shape[1]} features ({args.pool})"
-          + ("" if labels is None else f", labels of {int(labels.max()) + 1} classes"))  # fmt: skip
+    features, images = embed(model, settings, images_of(args, args.split, settings["img_size"]), args.pool, device)
+    save(Path(args.out), features, images.names, images.labels, args.pool, args.ckpt)
+    print(f"wrote {args.out}: {len(images.names)} x {features.shape[1]} features ({args.pool})"
+          + ("" if images.labels is None else f", labels of {len(images.classes)} classes"))  # fmt: skip
     if args.knn:
         from maelab.callbacks.knn_monitor import knn_accuracy
 
-        bank_images, _, bank_labels, bank_classes = images_of(args, "train", settings["img_size"])
-        if bank_classes != classes:
+        bank, train = embed(model, settings, images_of(args, "train", settings["img_size"]), args.pool, device)
+        if train.classes != images.classes:
             raise UserError(
-                f"--knn: the train split's classes {bank_classes} differ from --split {args.split}'s {classes}"
+                f"--knn: the train split's classes {train.classes} differ from --split {args.split}'s {images.classes}"
             )
-        bank = embed(model, settings, bank_images, args.pool, args.batch_size, device)
-        top1 = knn_accuracy(bank, bank_labels, features, labels, num_classes=int(bank_labels.max()) + 1, k=20)
+        top1 = knn_accuracy(bank, train.labels, features, images.labels, num_classes=len(train.classes), k=20)
         print(f"k-NN top-1 (k=20, {args.split} against train): {top1:.4f}")
     return 0
 
 
-def images_of(args, split: str, size: int):
-    """(uint8 images, names, labels, class names) of ``--images``: a named dataset's split; a
-    folder whole, or with ``--knn`` its ``split/`` folder, which must have class folders."""
+def images_of(args, split: str, size: int) -> Images:
+    """A named dataset's split; a folder whole, or with ``--knn`` its ``split/`` folder, which
+    must have class folders; imagenet is a folder of train/ and val/."""
     if args.images in ("cifar10", "synthetic"):
         if split == "val":
             raise UserError(f"--split val: {args.images} has a train and a test split")
         images, names, labels = split_images(args.images, split, size)
-        return images, names, labels, list(range(10))
-    folder = Path(args.images) / split if args.knn else Path(args.images)
+        chunks = [(images[i : i + args.batch_size], list(range(i, min(i + args.batch_size, len(images)))))
+                  for i in range(0, len(images), args.batch_size)]  # fmt: skip
+        return Images(chunks, names, labels, list(range(10)))
+    if args.images == "imagenet":
+        root = Path(os.environ.get("MAELAB_IMAGENET", "data/imagenet"))
+        if split == "test" or not (root / split).is_dir():
+            raise UserError(f"--images imagenet: {root / split} is not a folder; ImageNet has train/ and val/ "
+                            "under $MAELAB_IMAGENET (else data/imagenet)")  # fmt: skip
+        folder = root / split
+    else:
+        folder = Path(args.images) / split if args.knn else Path(args.images)
     if not folder.is_dir():
         raise UserError(f"--images {args.images}: " + (f"--knn votes with train/ against {split}/, and {folder} is "
-                        "missing" if args.knn else "neither a folder nor one of: cifar10, synthetic"))  # fmt: skip
-    images, names, labels, classes = folder_images(folder, size, args.skip_bad_images)
-    if args.knn and labels is None:
-        raise UserError(f"--knn: {folder} has no class folders (<class>/image) to label its images")
-    return images, names, labels, classes
+                        f"missing" if args.knn else f"neither a folder nor one of: {', '.join(NAMED)}"))  # fmt: skip
+    workers = args.workers if args.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    images = folder_images(folder, size, args.skip_bad_images, args.batch_size, workers)
+    if (args.knn or args.images == "imagenet") and images.labels is None:
+        why = "--knn" if args.knn else "--images imagenet"
+        raise UserError(f"{why}: {folder} has no class folders (<class>/image) to label its images")
+    return images
