@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import yaml
+from omegaconf import OmegaConf
 
 from maelab.config import config_dir
 from maelab.models.mae import MaskedAutoencoder
@@ -134,7 +134,9 @@ TIMM_NAMES = {
 
 @pytest.mark.parametrize("size", sorted(TIMM_NAMES))
 def test_named_sizes_have_timm_parameter_names_and_shapes(size):
-    model_cfg = yaml.safe_load(Path(config_dir(), "model", f"{size}.yaml").read_text())
+    # the group's file as a run composes it: in_chans follows data.channels, 3 without one
+    group = OmegaConf.create({"model": OmegaConf.load(Path(config_dir(), "model", f"{size}.yaml"))})
+    model_cfg = OmegaConf.to_container(group.model, resolve=True)
     with torch.device("meta"):  # shapes and names only: ViT-H allocates nothing
         ours = VisionTransformer(img_size=224, **model_cfg)
         theirs = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=0)

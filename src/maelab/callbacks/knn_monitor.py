@@ -2,11 +2,15 @@
 the training images are the memory bank, each validation image votes with its k most similar
 neighbours (cosine similarity), weighted by exp(similarity / temperature)."""
 
+import logging
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from maelab.data.transforms import model_input
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -57,7 +61,14 @@ class KNNMonitor(L.Callback):
                 feats.append(pl_module.model.forward_features(x)[:, 0].float())
         return torch.cat(feats), labels
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.unlabelled = not trainer.datamodule.num_classes
+        if self.unlabelled and trainer.is_global_zero:
+            log.info("k-NN monitor skipped: the images have no labels (no class folders); val/loss is the measure")
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "unlabelled", False):
+            return
         epoch = trainer.current_epoch + 1
         if trainer.sanity_checking or (epoch % self.every_n_epochs and epoch != trainer.max_epochs):
             return

@@ -22,7 +22,7 @@ def reconstruct(
     module: L.LightningModule, images: torch.Tensor, mask_ratio: float, masking=None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masked input, reconstruction with the visible patches pasted back, original), each
-    (N, 3, H, W) in [0, 1], for uint8 images. ``masking``: a strategy other than the model's."""
+    (N, C, H, W) in [0, 1], for uint8 images. ``masking``: a strategy other than the model's."""
     model = module.model
     x = module.preprocess(images.to(module.device), train=False)
     g = torch.Generator(device=x.device).manual_seed(seed)  # the same masks every time
@@ -35,7 +35,8 @@ def reconstruct(
 
     pred = model.unpatchify(model.target.to_pixels(pred.float(), x))  # norm_pixel: per-patch stats undone
     p = model.patch_size
-    hidden = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * 3))  # 1 where masked
+    channels = x.shape[1]
+    hidden = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * channels))  # 1 where masked
     original = denormalize(x, module.mean, module.std)
     reconstruction = denormalize(x * (1 - hidden) + pred * hidden, module.mean, module.std)
     masked = original * (1 - hidden) + MASKED_GREY * hidden

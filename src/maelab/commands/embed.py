@@ -44,8 +44,11 @@ def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
     if "cls_token" not in state:
         raise UserError(f"{ckpt} ({kind}) has no ViT encoder: cls_token is missing")
     arch = architecture(state, hparams, num_heads)
-    model = VisionTransformer(**arch)
-    load_encoder_state(model, state, f"{ckpt} ({kind})")
+    if "norm.weight" in state:
+        model = VisionTransformer(**arch)
+        load_encoder_state(model, state, f"{ckpt} ({kind})")
+    else:
+        model = average_pooled_classifier(state, arch)
     if hf.is_hf_directory(ckpt):
         hf.check_settings(model, settings, ckpt, decoder=False)  # says when its LayerNorm epsilon is not MAE's
     settings = {
@@ -54,6 +57,25 @@ def load_encoder(ckpt: str, trust: bool, num_heads: int | None = None):
         "std": list(hparams.get("std") or hf.IMAGENET_STD),
     }
     return model.eval(), settings
+
+
+def average_pooled_classifier(state: dict, arch: dict):
+    """A classifier pooled by average (its LayerNorm after the pooling, no final ``norm``), whole:
+    its features are the normalised mean of its patch tokens."""
+    from maelab.models.classifier import ViTClassifier
+
+    probe = "head.1.weight" in state
+    num_classes = state["head.1.weight" if probe else "head.weight"].shape[0]
+    model = ViTClassifier(num_classes, global_pool="avg", head_batchnorm=probe, **arch)
+    model.load_state_dict({k: state[k] for k in model.state_dict()})
+    return model
+
+
+def pooled(model, x: torch.Tensor, pool: str) -> torch.Tensor:
+    if getattr(model, "global_pool", None) == "avg":
+        return model.features(x)  # the classifier's own: fc_norm(mean of patch tokens)
+    tokens = model.forward_features(x)
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
 
 
 class FileImages(torch.utils.data.Dataset):
@@ -140,8 +162,7 @@ def embed(model, settings: dict, images: Images, pool: str, device: torch.device
     with tqdm(total=len(images.names), desc="embedding", unit="img", leave=False, disable=None) as bar:
         for batch, indices in images.batches:
             x = model_input(batch.to(device), settings["mean"], settings["std"], settings["img_size"])
-            tokens = model.forward_features(x)
-            out.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)).float().cpu())
+            out.append(pooled(model, x, pool).float().cpu())
             kept += indices
             bar.update(len(batch))
     if not kept:
@@ -185,7 +206,8 @@ def parser() -> argparse.ArgumentParser:
                    help="default: test for cifar10 and synthetic, val for imagenet; a folder: all of it, or with "
                    "--knn DIR/test/")  # fmt: skip
     p.add_argument("--out", required=True, help="FILE.pt or FILE.npz")
-    p.add_argument("--pool", default="cls", choices=("cls", "mean"), help="cls token, or mean of the patch tokens")
+    p.add_argument("--pool", choices=("cls", "mean"), help="the cls token (default), or the mean of the patch tokens "
+                   "(the default of a classifier that pools by average, normalised as it classifies)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, help="processes reading a folder's files; default: the CPUs less one, <= 8")
     p.add_argument("--knn", action="store_true", help="k-NN top-1 of --split against the train split (DIR/train/)")
@@ -203,6 +225,11 @@ def main(argv: list[str]) -> int:
     args.split = args.split or ("val" if args.images == "imagenet" else "test")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, settings = load_encoder(args.ckpt, args.trust_checkpoint_code, args.num_heads)
+    averaged = getattr(model, "global_pool", None) == "avg"
+    if averaged and args.pool == "cls":
+        raise UserError(f"--pool cls: {args.ckpt} classifies the mean of its patch tokens (its cls token trained for "
+                        "nothing); leave out --pool for the features it classifies")  # fmt: skip
+    args.pool = args.pool or ("mean" if averaged else "cls")
     features, images = embed(model, settings, images_of(args, args.split, settings["img_size"]), args.pool, device)
     save(Path(args.out), features, images.names, images.labels, args.pool, args.ckpt)
     print(f"wrote {args.out}: {len(images.names)} x {features.shape[1]} features ({args.pool})"

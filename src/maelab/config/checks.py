@@ -63,7 +63,11 @@ def pair(lo: float, hi: float | None):
 
 
 def per_channel(positive: bool):
-    return lambda v: isinstance(v, list) and len(v) == 3 and all(_is_num(x) and (x > 0 or not positive) for x in v)
+    return lambda v: isinstance(v, list) and len(v) in (1, 3) and all(_is_num(x) and (x > 0 or not positive) for x in v)
+
+
+def count_or_fraction(v) -> bool:
+    return (_is_int(v) and v >= 0) or (_is_num(v) and 0 < v < 1)
 
 
 RULES: list[tuple[str, Callable[[object], bool], str]] = [
@@ -79,9 +83,12 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("data.num_workers", lambda v: v is None or (_is_int(v) and v >= 0), "null (automatic) or a number >= 0"),
     ("data.num_train", positive_int, "a positive number of images"),
     ("data.num_test", positive_int, "a positive number of images"),
-    ("data.val_size", lambda v: _is_int(v) and v >= 0, "0 (validate on test) or a number of held-out images"),
-    ("data.mean", per_channel(positive=False), "three numbers, one per RGB channel"),
-    ("data.std", per_channel(positive=True), "three positive numbers, one per RGB channel"),
+    ("data.val_size", count_or_fraction, "0 (validate on test), a number of held-out images or a fraction in (0, 1)"),
+    ("data.mean", per_channel(positive=False), "one number per channel (three for RGB, one for grayscale)"),
+    ("data.std", per_channel(positive=True), "one positive number per channel (three for RGB, one for grayscale)"),
+    ("data.channels", lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB)"),
+    ("data.labels", lambda v: v in ("auto", "folders", "none"), "auto, folders or none"),
+    ("model.in_chans", lambda v: v in (1, 3), "1 or 3 (set data.channels; the model follows it)"),
     ("model.patch_size", positive_int, "a positive integer (pixels)"),
     ("model.embed_dim", positive_int, "a positive integer"),
     ("model.depth", positive_int, "a positive integer"),
@@ -153,6 +160,20 @@ REQUIRED_CALLBACKS = {
     "preemption": "saving last.ckpt when SLURM, submitit or kill sends its signal",
     "nonfinite_guard": "stopping at a NaN or Inf loss before it reaches the weights; max_skipped_steps tolerates some",
 }
+
+
+def _channel_problems(get: Callable[[str], object]) -> list[str]:
+    problems = []
+    channels = get("data.channels")
+    channels = 3 if channels is _ABSENT else channels
+    for key in ("data.mean", "data.std"):
+        values = get(key)
+        if isinstance(values, list) and len(values) != channels:
+            problems.append(f"{key} has {len(values)} values for {channels} channels (data.channels): one per channel")
+    in_chans = get("model.in_chans")
+    if in_chans not in (_ABSENT, channels):
+        problems.append(f"model.in_chans={in_chans} but the images have {channels} channels; set data.channels only")
+    return problems
 
 
 def _patch_problems(get: Callable[[str], object]) -> list[str]:
@@ -267,7 +288,9 @@ def validate(cfg: DictConfig) -> None:
         return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
     problems = _value_problems(cfg, get)
-    for relation in (_patch_problems, _width_problems, _file_problems, _task_problems, _callback_problems):
+    relations = (_patch_problems, _width_problems, _file_problems, _task_problems, _callback_problems)
+    relations += (_channel_problems,)
+    for relation in relations:
         problems += relation(get)  # each relation checks only keys that are valid alone
     if not problems or task_switched(cfg):  # it imports the task's class; a switched task is named first
         problems = task_fit_problems(cfg) + problems  # raises where the switched task does not fit

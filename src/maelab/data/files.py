@@ -67,13 +67,29 @@ def list_image_folder(split_dir: Path, classes: list[str] | None = None) -> tupl
     return found, FileList.of(files)
 
 
+def eight_bit(im: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer or float single-channel image as 8-bit grayscale, scaled, not
+    clipped (PIL's own conversion clips: a 16-bit scan would come out white). 16-bit values
+    (medical, astronomy and microscopy files) map 0-65535 to 0-255; floats in [0, 1] map to 0-255."""
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        top = 65535.0
+    elif im.mode == "F" and values.max() <= 1.0:
+        top = 1.0
+    else:  # 32-bit integers or floats: 16-bit data unless the values fit 8 bits
+        top = 255.0 if values.max() <= 255 else 65535.0
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+
+
 def read_rgb(path: Path) -> Image.Image:
-    """Any image file as an upright RGB image: grayscale, CMYK, palette and alpha images are
-    converted, EXIF orientation applied, and the format read from the content, not the name
+    """Any image file as an upright RGB image: grayscale (8 or 16 bit), CMYK, palette and alpha
+    images are converted, EXIF orientation applied, and the format read from the content, not the name
     (ImageNet holds PNG and CMYK files named .JPEG). Raises OSError or ValueError for a file
     PIL cannot decode, truncated JPEGs included."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
+        if im.mode.startswith(("I", "F")):
+            im = eight_bit(im)
         if im.mode in ("P", "PA", "LA"):
             im = im.convert("RGBA")  # palette transparency is resolved before dropping alpha
         return im.convert("RGB")

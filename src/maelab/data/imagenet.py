@@ -115,14 +115,7 @@ class ImageFolderDataModule(ShardedDataModule):
         self.run_seed = run_seed
         self.root = Path(root).expanduser().absolute()
         self.train_root, self.val_root = self.root / train_dir, self.root / val_dir
-        for split_dir in (self.train_root, self.val_root):
-            if not split_dir.is_dir():
-                raise UserError(
-                    f"data.root={root}: there is no {split_dir}. An image folder holds {self.train_root}/<class>/* "
-                    f"and {self.val_root}/<class>/* (ImageNet: val images sorted into class folders); "
-                    "point data.root (or MAELAB_IMAGENET) at it"
-                )
-        self.classes = class_folders(self.train_root)
+        self.classes = self.find_classes(root)
         if num_classes is not None and num_classes != len(self.classes):
             raise UserError(
                 f"data.num_classes={num_classes}, but {self.train_root} holds {len(self.classes)} class folders; "
@@ -140,6 +133,17 @@ class ImageFolderDataModule(ShardedDataModule):
         self.train_transform = None  # set by run.build from the augment config
         self.files: dict[str, FileList] = {}
         self.skipped: dict[str, str] = {}  # path -> why it could not be read
+
+    def find_classes(self, root: str) -> list[str]:
+        """The class names, from the train split's folders (both splits must exist)."""
+        for split_dir in (self.train_root, self.val_root):
+            if not split_dir.is_dir():
+                raise UserError(
+                    f"data.root={root}: there is no {split_dir}. An image folder holds {self.train_root}/<class>/* "
+                    f"and {self.val_root}/<class>/* (ImageNet: val images sorted into class folders); "
+                    "point data.root (or MAELAB_IMAGENET) at it, or read any folder of images with data=folder"
+                )
+        return class_folders(self.train_root)
 
     def setup(self, stage: str | None = None) -> None:
         if self.files:

@@ -23,11 +23,15 @@ def normalize(imgs: torch.Tensor, mean: list[float], std: list[float]) -> torch.
 
 
 def model_input(images: torch.Tensor, mean: list[float], std: list[float], size: int, augment=None) -> torch.Tensor:
-    """A batch as the model takes it: uint8 (N, 3, H, W) on the device -> normalised float at
+    """A batch as the model takes it: uint8 (N, C, H, W) on the device -> normalised float at
     ``size``, augmented by ``augment`` (a batched device transform) when given. Float batches
     come from a DataLoader transform that already normalised them, and pass through."""
     if images.dtype != torch.uint8:
         return images
+    if len(mean) == 1 and images.shape[1] == 3:  # RGB images for a grayscale model: PIL's "L" luma
+        from torchvision.transforms.functional import rgb_to_grayscale
+
+        images = rgb_to_grayscale(images)
     x = normalize(images, mean, std)
     if augment is not None:
         return augment(x)  # crops to size

@@ -49,7 +49,7 @@ class PretrainModule(L.LightningModule):
             decoder_width=decoder_width,
             decoder_depth=decoder_depth,
             decoder_heads=decoder_heads,
-            target=instantiate(target, patch_size=patch_size, in_chans=3),
+            target=instantiate(target, patch_size=patch_size, in_chans=model.get("in_chans", 3)),
             masking=instantiate(masking),
         )
         self.model.num_visible(mask_ratio)  # fails now, not at the first step, if nothing stays visible

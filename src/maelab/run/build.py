@@ -97,6 +97,11 @@ def build_task(cfg: DictConfig, datamodule=None):
             known["augment"] = None
         if "num_classes" in cfg.task:
             known["num_classes"] = datamodule.num_classes  # an image folder counts its class folders
+            if not datamodule.num_classes:
+                raise UserError(
+                    f"a classifier needs labels and data.root={cfg.data.root} has none (no class folders, "
+                    "root/<class>/<image>); pretrain on it, then fine-tune or probe on a labelled folder"
+                )
     return instantiate(cfg.task, **known, _recursive_=False, _convert_="all")
 
 

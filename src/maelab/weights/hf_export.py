@@ -128,7 +128,7 @@ def export_hf(ckpt: str, out: str, encoder_only: bool = False, num_heads: int | 
         config.update(encoder_stride=arch["patch_size"], id2label={str(i): f"LABEL_{i}" for i in range(num_classes)})
         tensors = classifier_state(state)
     elif has_head and not encoder_only:
-        return export_timm_wrapper(state, {**arch, "in_chans": in_chans}, mean, std, Path(out), source)
+        return export_timm_wrapper(state, arch, mean, std, Path(out), source)
     elif "norm.weight" in state:
         config = {"architectures": ["ViTMAEModel"], "model_type": "vit_mae", **vit_config(arch, in_chans)}
         tensors = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
@@ -153,7 +153,7 @@ def export_timm_wrapper(state: dict, arch: dict, mean: list, std: list, out: Pat
         "global_pool": "avg",
         "label_names": [f"LABEL_{i}" for i in range(num_classes)],
         "pretrained_cfg": {
-            "input_size": [arch["in_chans"], arch["img_size"], arch["img_size"]],
+            "input_size": [arch.get("in_chans", 3), arch["img_size"], arch["img_size"]],
             "interpolation": "bicubic",
             "crop_pct": 1.0,
             "mean": mean,

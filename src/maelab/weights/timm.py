@@ -44,9 +44,11 @@ def architecture(state: dict[str, torch.Tensor], hparams: dict, num_heads: int |
     heads = num_heads or (hparams.get("model") or {}).get("num_heads") or HEADS_BY_WIDTH.get(width)
     if heads is None:
         raise UserError(f"cannot tell the number of heads of a {width}-wide encoder: pass --num-heads")
+    channels = state["patch_embed.proj.weight"].shape[1]
     return {
         "img_size": grid * patch,
         "patch_size": patch,
+        **({"in_chans": channels} if channels != 3 else {}),  # timm's default is RGB
         "embed_dim": width,
         "depth": depth,
         "num_heads": heads,
