@@ -19,6 +19,8 @@ COMMANDS = {  # command -> (module under maelab.commands, what it does)
     "bench": ("bench", "time full training steps on this device: img/s, memory, FLOPs, utilisation"),
     "visualize": ("visualize", "draw masked | reconstruction | original, or --attention: cls attention per head"),
     "embed": ("embed", "features of every image from a checkpoint's encoder (cls or mean), with names and labels"),
+    "prepare-data": ("prepare_data", "pack an image folder into LitData shards for data=shards: streamed on clusters"),
+    "bench-data": ("bench_data", "input pipeline img/s: each data.decode beside the official MAE loader"),
 }
 
 EXAMPLES = """

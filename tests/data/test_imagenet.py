@@ -47,7 +47,7 @@ def test_batches_are_uint8_at_the_input_size_and_every_val_image_is_seen_once(tm
 
 
 def test_evaluation_resizes_to_img_size_over_the_crop_fraction_then_center_crops(tmp_path):
-    dm = _datamodule(make_tree(tmp_path), img_size=224)
+    dm = _datamodule(make_tree(tmp_path), img_size=224, decode="pil")
     resize, crop = dm.eval_transform().transforms[:2]
     assert resize.size == 256 and crop.size == (224, 224)
     assert resize.interpolation.value == "bicubic"

@@ -87,6 +87,7 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("data.mean", per_channel(positive=False), "one number per channel (three for RGB, one for grayscale)"),
     ("data.std", per_channel(positive=True), "one positive number per channel (three for RGB, one for grayscale)"),
     ("data.channels", lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB)"),
+    ("data.decode", lambda v: v in ("fast", "pil", "gpu"), "fast, pil or gpu (docs/data.md)"),
     ("data.labels", lambda v: v in ("auto", "folders", "none"), "auto, folders or none"),
     ("model.in_chans", lambda v: v in (1, 3), "1 or 3 (set data.channels; the model follows it)"),
     ("model.patch_size", positive_int, "a positive integer (pixels)"),

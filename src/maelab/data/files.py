@@ -1,6 +1,7 @@
 """Image files on disk: listing an ImageFolder tree and reading any file as RGB."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,14 @@ from PIL import Image, ImageOps
 from maelab.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+
+
+@dataclass
+class BadImage:
+    """A file a loader worker could not read, handed to the main process to name or skip."""
+
+    path: str
+    reason: str
 
 
 def class_folders(split_dir: Path) -> list[str]:

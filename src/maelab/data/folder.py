@@ -82,6 +82,8 @@ class FolderDataModule(ImageFolderDataModule):
                 )
         self.labels_rule, self.channels, self.share = labels, channels, val_size
         super().__init__(root, mean=mean, std=std, **kwargs)
+        if channels == 1 and self.decode == "gpu":
+            raise UserError("data.decode=gpu decodes RGB JPEGs; with data.channels=1 use data.decode=fast")
 
     def find_classes(self, root: str) -> list[str]:
         if not self.root.is_dir():

@@ -25,17 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from maelab.data.base import ShardedDataModule, worker_init
-from maelab.data.files import FileList, class_folders, list_image_folder, read_rgb
+from maelab.data.decode import FastResizeCenterCrop
+from maelab.data.files import BadImage, FileList, class_folders, list_image_folder, read_rgb
+from maelab.data.gpu_decode import CropFromHeader, EncodedBatch, collate_encoded, decode_batch
 from maelab.data.samplers import sample_rng
 from maelab.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BadImage:
-    path: str
-    reason: str
 
 
 @dataclass
@@ -77,14 +73,34 @@ class ImageFiles(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         i, epoch = key if isinstance(key, tuple) else (key, None)
         path, label = self.files[i]
+        reads_files = getattr(self.transform, "reads_files", False)  # data.decode=fast: it decodes the file
         try:
+            if reads_files:
+                return self.transformed(path, i, epoch), label
             image = read_rgb(path)
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken or unknown files
             return BadImage(str(path), f"{type(e).__name__}: {e}")
+        return self.transformed(image, i, epoch), label
+
+    def transformed(self, image, i: int, epoch: int | None):
         if epoch is None:
-            return self.transform(image), label
+            return self.transform(image)
         with sample_rng(self.seed, epoch, i):
-            return self.transform(image), label
+            return self.transform(image)
+
+
+DECODES = ("fast", "pil", "gpu")
+
+
+def checked_decode(decode: str) -> str:
+    """``data.decode``: fast (``data/decode.py``), pil (PIL decodes each file whole, torchvision's
+    transforms), or gpu (``data/gpu_decode.py``: training JPEGs decoded on the device)."""
+    if decode not in DECODES:
+        raise UserError(f"data.decode={decode!r}: expected one of {', '.join(DECODES)}")
+    if decode == "gpu" and not torch.cuda.is_available():
+        raise UserError("data.decode=gpu decodes JPEGs on the GPU and this machine has no CUDA device; "
+                        "use data.decode=fast")  # fmt: skip
+    return decode
 
 
 class ImageFolderDataModule(ShardedDataModule):
@@ -101,6 +117,7 @@ class ImageFolderDataModule(ShardedDataModule):
         std: list[float] = (0.229, 0.224, 0.225),
         eval_crop_fraction: float = 0.875,
         interpolation: str = "bicubic",
+        decode: str = "fast",
         val_size: int = 0,
         split_seed: int = 0,
         skip_bad_images: bool = False,
@@ -126,6 +143,7 @@ class ImageFolderDataModule(ShardedDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.mean, self.std = list(mean), list(std)
         self.eval_crop_fraction, self.interpolation = eval_crop_fraction, T.InterpolationMode(interpolation)
+        self.decode = checked_decode(decode)
         self.val_size, self.split_seed = val_size, split_seed
         self.skip_bad_images = skip_bad_images
         self.num_workers = num_workers
@@ -165,9 +183,11 @@ class ImageFolderDataModule(ShardedDataModule):
             )
         log.info("%s: %s", self.root, ", ".join(f"{k} {len(v)} images" for k, v in self.files.items()))
 
-    def eval_transform(self) -> T.Compose:
+    def eval_transform(self):
         """Resize the short side to img_size / crop fraction, then the center crop (official)."""
         resize = int(self.img_size / self.eval_crop_fraction)
+        if self.decode in ("fast", "gpu"):  # gpu: training decodes on the device; evaluation as fast
+            return FastResizeCenterCrop(self.img_size, resize, self.interpolation.value)
         return T.Compose([T.Resize(resize, self.interpolation), T.CenterCrop(self.img_size), T.PILToTensor()])
 
     def _loader(self, split: str, transform, train: bool) -> DataLoader:
@@ -179,7 +199,7 @@ class ImageFolderDataModule(ShardedDataModule):
             sampler=self.train_sampler(dataset, with_epoch=True) if train else self.eval_sampler(dataset),
             drop_last=train,
             num_workers=workers,
-            collate_fn=partial(collate, keep_size=train),
+            collate_fn=partial(collate_encoded if isinstance(transform, CropFromHeader) else collate, keep_size=train),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             # kept alive between epochs for training; evaluation's would idle, holding memory
             persistent_workers=train and self.persistent_workers and workers > 0,
@@ -198,6 +218,11 @@ class ImageFolderDataModule(ShardedDataModule):
         return self._loader("test", self.eval_transform(), train=False)
 
     def on_before_batch_transfer(self, batch: FileBatch, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, EncodedBatch) and batch.samples:  # data.decode=gpu: decoded on the device
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            images = decode_batch(batch, self.img_size, device, self.interpolation.value)
+            batch = FileBatch(images, batch.labels.to(device), batch.bad)
         for bad in batch.bad:
             if not self.skip_bad_images:
                 raise UserError(
@@ -207,7 +232,7 @@ class ImageFolderDataModule(ShardedDataModule):
             if bad.path not in self.skipped:  # logged once; skipped every epoch
                 self.skipped[bad.path] = bad.reason
                 log.warning("skipped %s (%s); %d unreadable file(s) so far", bad.path, bad.reason, len(self.skipped))
-        if batch.images is None:
+        if getattr(batch, "images", None) is None:
             raise UserError(f"no image of a batch could be read, e.g. {batch.bad[0].path}: check {self.root}")
         return batch.images, batch.labels
 

@@ -136,6 +136,20 @@ class RandomResizedCropFlip:
             steps.append(T.RandomHorizontalFlip())
         return T.Compose([*steps, T.PILToTensor()])
 
+    def per_file(self):
+        """``per_image()``'s crops and flips, the same draws, from the file (``data.decode=fast``):
+        the box is drawn from the header, then only what it needs is decoded (``data/decode.py``)."""
+        from maelab.data.decode import FastRandomResizedCropFlip
+
+        return FastRandomResizedCropFlip(self.size, self.scale, self.ratio, self.hflip, self.interpolation)
+
+    def per_device(self):
+        """``data.decode=gpu``: the same draws from each file's header in the workers, the JPEG
+        decoded, cropped and resized on the device (``data/gpu_decode.py``)."""
+        from maelab.data.gpu_decode import CropFromHeader
+
+        return CropFromHeader(self.size, self.scale, self.ratio, self.hflip, self.interpolation)
+
     def __call__(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """imgs: (N, C, H, W) float -> (N, C, size, size)."""
         N, _, H, W = imgs.shape

@@ -69,7 +69,8 @@ def loader_augmentation(cfg: DictConfig, datamodule) -> bool:
     """Hands the training augmentation to the datamodule's loader workers where it must run there
     and says whether it did: a per-image (PIL) one such as RandAugment (``in_loader``), or any
     augmentation of a datamodule that decodes files of varied sizes (ImageNet), in its
-    ``per_image()`` form. Otherwise it runs batched on the device, inside the task."""
+    ``per_image()`` form (``per_file()`` with ``data.decode=fast``: it decodes the file itself).
+    Otherwise it runs batched on the device, inside the task."""
     from hydra.utils import get_class, instantiate
 
     augment = cfg.get("augment") or None
@@ -79,7 +80,19 @@ def loader_augmentation(cfg: DictConfig, datamodule) -> bool:
     if getattr(get_class(augment._target_), "in_loader", False):
         datamodule.train_transform = instantiate(augment, size=size, mean=mean, std=std)
     elif getattr(datamodule, "per_image_transforms", False):
-        datamodule.train_transform = instantiate(augment, size=size).per_image()
+        augmentation = instantiate(augment, size=size)
+        decode = getattr(datamodule, "decode", "pil")
+        if decode == "gpu" and not hasattr(augmentation, "per_device"):
+            raise UserError(
+                f"data.decode=gpu draws RandomResizedCrop boxes from file headers (augment=rrc_flip); "
+                f"{augment._target_} needs decoded images: use data.decode=fast"
+            )
+        if decode == "gpu":
+            datamodule.train_transform = augmentation.per_device()
+        elif decode == "fast" and hasattr(augmentation, "per_file"):
+            datamodule.train_transform = augmentation.per_file()
+        else:
+            datamodule.train_transform = augmentation.per_image()
     else:
         return False
     return True
