@@ -14,7 +14,7 @@ from maelab.errors import UserError, report
 
 COMMANDS = {  # command -> (module under maelab.commands, what it does)
     "train": ("train", "pretrain, fine-tune or probe: a Hydra app (its --help lists the config groups)"),
-    "export": ("export", "write a checkpoint's encoder as a timm VisionTransformer state dict"),
+    "export": ("export", "a checkpoint for timm (state dict + create_model arguments) or Hugging Face (--format hf)"),
     "sweep-report": ("sweep_report", "tabulate and plot a sweep's results: markdown, CSV and PNG"),
     "bench": ("bench", "time full training steps on this device: img/s, memory, FLOPs, utilisation"),
     "visualize": ("visualize", "draw masked | reconstruction | original, or --attention: cls attention per head"),

@@ -272,9 +272,9 @@ def _contract_problems(get: Callable[[str], object]) -> list[str]:
     data = get_class(target) if isinstance(target, str) else None
     problems = []
     needs = [("reconstructions", PreviewImages, "a fixed set of images to draw (preview_images)")]
-    needs += [("knn_monitor", SplitsOnDevice, "a dataset held in memory (cifar10, synthetic): an image folder "
-               "would be decoded whole at every check. Drop it with callbacks.knn_monitor=null (the ImageNet "
-               "recipes do)")]  # fmt: skip
+    needs += [("knn_monitor", SplitsOnDevice, "whole splits held in memory (cifar10, synthetic, folder): ImageNet "
+               "or shards would be decoded whole at every check. Drop it with callbacks.knn_monitor=null (the "
+               "ImageNet recipes do)")]  # fmt: skip
     for name, protocol, why in needs:
         if get(f"callbacks.{name}") not in (_ABSENT, None) and data is not None and not issubclass(data, protocol):
             problems.append(f"callbacks.{name}: needs {why}; {data.__name__} has none")
