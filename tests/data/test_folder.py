@@ -3,6 +3,7 @@ trained end to end through the real config (pretrain, fine-tune, export)."""
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,11 @@ def test_a_grayscale_mae_pretrains_unlabelled_then_fine_tunes_and_exports(tmp_pa
     with pytest.raises(UserError, match="a classifier needs labels and data.root=.* has none"):
         run(compose_config([*finetune[:-3], f"data.root={tmp_path / 'photos'}", "data.labels=none",
                             f"task.pretrained={ckpt}"], tmp_path / "unlabelled"))  # fmt: skip
+
+
+def test_a_fraction_held_out_is_for_folders_only():
+    from maelab.config.checks import validate
+
+    cfg = compose_config(["+experiment=quickstart", "data.val_size=0.1"], Path("unused"))
+    with pytest.raises(UserError, match=r"data.val_size=0.1: a fraction is for data=folder; give a number of images"):
+        validate(cfg)

@@ -116,3 +116,10 @@ def test_a_jpeg_truncated_after_its_header_is_reported_and_its_place_filled(tmp_
     images = decode_batch(batch, 16, torch.device("cpu"))
     assert [bad.path for bad in batch.bad] == [str(cut)] and torch.equal(images[1], images[0])
     assert batch.labels.tolist() == [0, 0]  # the copy carries its label
+
+
+def test_a_batch_of_which_nothing_decodes_is_none_for_the_caller_to_name(tmp_path):
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photo(tmp_path / "whole.jpg").read_bytes()[:1500])
+    batch = collate_encoded([(CropFromHeader(16)(cut), 0)], keep_size=True)
+    assert decode_batch(batch, 16, torch.device("cpu")) is None and len(batch.bad) == 1

@@ -306,3 +306,41 @@ def test_a_run_exported_by_the_cli_fine_tunes_draws_and_embeds_from_the_folder(p
     cfg = compose_config(["+experiment=finetune_vitt_cifar10", *TINY_CLASSIFIER, f"task.pretrained={empty}"], tmp_path)
     with pytest.raises(UserError, match="a folder without config.json; a Hugging Face model folder has one"):
         validate(cfg)
+
+
+def test_the_folder_preprocesses_as_maelab_evaluates_and_an_export_replaces_an_older_folder(tmp_path):
+    """At 224 px the image-folder recipes evaluate on resize-to-256 + center crop 224: the exported
+    preprocessor_config.json does the same; an earlier export's weights files go."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+    from transformers import AutoImageProcessor
+
+    from maelab.weights.hf_export import preprocessor
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor([0.5] * 3, [0.25] * 3, 224)))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
+    theirs = AutoImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt")["pixel_values"][0]
+    view = [T.Resize(256, T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor()]
+    ours = T.Compose([*view, T.Normalize([0.5] * 3, [0.25] * 3)])(image)
+    assert theirs.shape == (3, 224, 224) and (theirs - ours).abs().mean() < 1e-3
+
+    ckpt = maelab_checkpoint(tmp_path / "last.ckpt", random_mae(), decoder_heads=2)
+    (tmp_path / "hf").mkdir()
+    torch.save({"vit.embeddings.cls_token": torch.zeros(1, 1, 32)}, tmp_path / "hf" / "pytorch_model.bin")
+    export_hf(ckpt, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf" / "pytorch_model.bin").exists()
+    again = maelab_mae()
+    load_full(again, tmp_path / "hf")
+    assert torch.equal(again.cls_token, random_mae().cls_token)
+
+
+def test_a_checkpoint_of_other_channels_names_data_channels(tmp_path):
+    hf_mae().save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserError, match=r"num_channels=3 there, data.channels=1 here"):
+        load_encoder(ViTClassifier(2, in_chans=1, **ENCODER), tmp_path / "hf")
+    ckpt = maelab_checkpoint(tmp_path / "rgb.ckpt", random_mae())
+    with pytest.raises(UserError, match=r"takes images of 3 channel\(s\), this model 1: set data.channels=3"):
+        load_encoder(ViTClassifier(2, in_chans=1, **ENCODER), ckpt)

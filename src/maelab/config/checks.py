@@ -163,8 +163,15 @@ REQUIRED_CALLBACKS = {
 }
 
 
+FRACTION_VAL_SIZE = ("FolderDataModule", "ShardsDataModule")  # the datamodules that take a share
+
+
 def _channel_problems(get: Callable[[str], object]) -> list[str]:
     problems = []
+    val_size, target = get("data.val_size"), get("data._target_")
+    if _is_num(val_size) and 0 < val_size < 1 and isinstance(target, str):
+        if not target.endswith(FRACTION_VAL_SIZE):
+            problems.append(f"data.val_size={val_size}: a fraction is for data=folder; give a number of images")
     channels = get("data.channels")
     channels = 3 if channels is _ABSENT else channels
     for key in ("data.mean", "data.std"):

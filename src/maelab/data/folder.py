@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torchvision import transforms as T
 
-from maelab.data.files import IMAGE_SUFFIXES, FileList, read_rgb
+from maelab.data.files import IMAGE_SUFFIXES, FileList
 from maelab.data.imagenet import ImageFolderDataModule
 from maelab.errors import UserError
 
@@ -86,6 +86,7 @@ class FolderDataModule(ImageFolderDataModule):
             raise UserError("data.decode=gpu decodes RGB JPEGs; with data.channels=1 use data.decode=fast")
 
     def find_classes(self, root: str) -> list[str]:
+        self.train_root = self.val_root = self.root  # the one folder both splits come from (messages)
         if not self.root.is_dir():
             raise UserError(f"data.root={root}: no such folder ({self.root}); point it at a folder of images")
         self.all_files, others = list_files(self.root)
@@ -100,7 +101,7 @@ class FolderDataModule(ImageFolderDataModule):
         if self.files:
             return
         n = len(self.all_files)
-        held = round(self.share * n) if self.share < 1 else int(self.share)
+        held = max(1, round(self.share * n)) if self.share < 1 else int(self.share)
         if not 0 < held < n:
             raise UserError(
                 f"data.val_size={self.share} holds out {held} of {n} images; hold out at least one and leave "
@@ -113,13 +114,6 @@ class FolderDataModule(ImageFolderDataModule):
         self.files = {"train": train, "val": val, "test": val}
         kind = f"{len(self.classes)} classes" if self.classes else "no labels"
         log.info(f"{self.root}: {n} images ({kind}, {self.channels} channel(s)): train {len(train)}, val {held}")
-
-    def read(self, path: Path):
-        try:
-            return read_rgb(path)
-        except (OSError, ValueError, SyntaxError) as e:
-            why = f"{type(e).__name__}: {e}"
-            raise UserError(f"{path}: cannot be read as an image ({why}); replace or delete it") from None
 
     def as_channels(self, transform):
         """``transform`` on the image in this module's channels."""
@@ -139,8 +133,10 @@ class FolderDataModule(ImageFolderDataModule):
         cached = getattr(self, "_splits", {})
         if split not in cached:
             files, transform = self.files[split], self.eval_transform()
-            images = torch.stack([transform(self.read(path)) for path, _ in files])
-            cached[split] = images, torch.from_numpy(files.labels.copy())
+            read = [(self.read(path), label) for path, label in files]
+            kept = [(transform(image), label) for image, label in read if image is not None]
+            images = torch.stack([image for image, _ in kept])
+            cached[split] = images, torch.tensor([label for _, label in kept])
             self._splits = cached
             log.info(f"{self.root}: the {split} split held for the k-NN monitor: {images.numel() / 1e6:.0f} MB")
         images, labels = cached[split]

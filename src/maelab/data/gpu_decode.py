@@ -2,9 +2,9 @@
 ``torchvision.io.decode_jpeg``), then cropped and resized there. Loader workers only read the
 file's bytes and its header: they draw the crop from the header's size, with torchvision's
 RandomResizedCrop rule and the sample's own random stream, so the crops are the CPU path's
-distribution. A file the device decoder cannot take (not a baseline RGB or grayscale JPEG: PNG,
-CMYK, EXIF-rotated, progressive ones that fail) is decoded and cropped by PIL in the worker as
-the CPU path does, and travels already done.
+distribution. A file the device decoder cannot take as PIL would (not an RGB or grayscale JPEG:
+PNG, CMYK; or EXIF-rotated) is decoded and cropped by PIL in the worker as the CPU path does, and
+travels already done; a JPEG the device refuses at decode time is decoded by libjpeg on the CPU.
 
 The logic is device-agnostic: on the CPU (``device='cpu'``) the same functions run with
 libjpeg, which is how the tests check the batching, the crops and the fallback; a run asks for
@@ -94,7 +94,9 @@ def collate_encoded(samples: list, keep_size: bool = False) -> EncodedBatch:
 
 
 def decode_all(files: list[torch.Tensor], device: torch.device) -> list:
-    """The decoded images, one call for all; if that fails, one by one, None for those that fail."""
+    """The decoded images, one call for all; if that fails, one by one, a file the device refuses
+    decoded by libjpeg on the CPU (some valid JPEGs nvJPEG does not take), None for a file neither
+    decodes."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
@@ -102,14 +104,20 @@ def decode_all(files: list[torch.Tensor], device: torch.device) -> list:
     except RuntimeError:
         images = []
         for data in files:
-            try:
-                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
+            for where in dict.fromkeys([device, torch.device("cpu")]):
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=where).to(device))
+                    break
+                except RuntimeError:
+                    continue
+            else:
                 images.append(None)
         return images
 
 
-def decode_batch(batch: EncodedBatch, size: int, device: torch.device, interpolation: str = "bicubic") -> torch.Tensor:
+def decode_batch(
+    batch: EncodedBatch, size: int, device: torch.device, interpolation: str = "bicubic"
+) -> torch.Tensor | None:
     """uint8 (N, 3, size, size) on ``device``: the encoded samples decoded together there, each
     cropped to its box, resized (antialiased) and flipped; finished fallbacks put in place. A file
     whose header read but whose data does not decode (truncated) joins ``batch.bad`` and its place
@@ -130,6 +138,8 @@ def decode_batch(batch: EncodedBatch, size: int, device: torch.device, interpola
         crop = crop.round_().clamp_(0, 255).to(torch.uint8)[0]
         out[i] = crop.flip(-1) if batch.samples[i].flip else crop
         good.append(i)
+    if not good:
+        return None  # nothing in the batch decodes: named by the caller, as the CPU path's
     failed = [i for i, image in zip(pending, decoded) if image is None]
     for n, i in enumerate(failed):
         if good:  # the copy's label with it

@@ -222,7 +222,7 @@ class ImageFolderDataModule(ShardedDataModule):
             trainer = getattr(self, "trainer", None)
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
             images = decode_batch(batch, self.img_size, device, self.interpolation.value)
-            batch = FileBatch(images, batch.labels.to(device), batch.bad)
+            batch = FileBatch(images, None if images is None else batch.labels.to(device), batch.bad)
         for bad in batch.bad:
             if not self.skip_bad_images:
                 raise UserError(
@@ -254,10 +254,24 @@ class ImageFolderDataModule(ShardedDataModule):
         self.skipped.update(state.get("skipped", {}))
 
     def preview_images(self, n: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
-        """n images evenly spaced through a split (uint8, CPU, the evaluation view)."""
+        """n images evenly spaced through a split (uint8, CPU, the evaluation view; unreadable
+        files left out with ``skip_bad_images``)."""
         self.setup()
         files = self.files[split]
         index = torch.linspace(0, len(files) - 1, min(n, len(files))).long().tolist()
         transform = self.eval_transform()
-        images = [transform(read_rgb(files[i][0])) for i in index]
-        return torch.stack(images), torch.tensor([files[i][1] for i in index])
+        picked = [(self.read(files[i][0]), files[i][1]) for i in index]
+        picked = [(transform(image), label) for image, label in picked if image is not None]
+        return torch.stack([image for image, _ in picked]), torch.tensor([label for _, label in picked])
+
+    def read(self, path: Path):
+        """The image, or None for an unreadable file with ``skip_bad_images`` (counted as training counts it)."""
+        try:
+            return read_rgb(path)
+        except (OSError, ValueError, SyntaxError) as e:
+            why = f"{type(e).__name__}: {e}"
+            if not self.skip_bad_images:
+                raise UserError(f"{path}: cannot be read as an image ({why}); replace or delete it, or set "
+                                "data.skip_bad_images=true") from None  # fmt: skip
+            self.skipped.setdefault(str(path), why)
+            return None

@@ -114,6 +114,12 @@ class ShardLoader(StreamingDataLoader):
         self.next_epoch, self.continuing = next_epoch, False
 
     def load_state_dict(self, state: dict) -> None:
+        """Lightning restoring its own copy of the state: ignored. The datamodule restores the
+        loader itself (``resume``), after checking that the state fits this run (the same shards,
+        seed, batch size and ranks); applied blindly, LitData would refuse another seed or folder
+        and continue elastically where the epoch should start again."""
+
+    def resume(self, state: dict) -> None:
         super().load_state_dict(state)
         self.continuing = self.restore  # LitData's flag: the state is mid-epoch
 
@@ -176,7 +182,7 @@ class ShardsDataModule(FolderDataModule):
             self.check_one_batch(loader)
             self.train_loader = loader
             if self._resume_loader is not None:  # mid-epoch: LitData skips what this rank has trained on
-                loader.load_state_dict(self._resume_loader)
+                loader.resume(self._resume_loader)
                 self._resume_loader, self._resume_position = None, None
         return loader
 

@@ -167,12 +167,12 @@ def read_preprocessing(folder: str | Path) -> dict:
 def weight_files(folder: Path) -> list[Path]:
     """The file (or, for a sharded model, the files of its index) that hold the weights."""
     for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
         index = folder / f"{name}.index.json"
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             return [folder / shard for shard in shards]
-        if (folder / name).is_file():
-            return [folder / name]
     raise UserError(f"{folder}: has config.json but no weights ({' or '.join(WEIGHT_FILES)}, or their .index.json)")
 
 
@@ -231,6 +231,7 @@ def settings_of(config: dict) -> dict:
 
 # maelab's setting -> (Hugging Face's key, the config key that sets it here)
 SETTING_NAMES = {
+    "in_chans": ("num_channels", "data.channels"),
     "patch_size": ("patch_size", "model.patch_size"),
     "embed_dim": ("hidden_size", "model.embed_dim"),
     "depth": ("num_hidden_layers", "model.depth"),
@@ -246,6 +247,7 @@ def model_settings(model) -> dict:
     """The settings of a maelab encoder (and decoder, for an MAE) that a config.json also names."""
     block = model.blocks[0]
     own = {
+        "in_chans": model.patch_embed.proj.in_channels,
         "patch_size": model.patch_embed.patch_size,
         "embed_dim": model.embed_dim,
         "depth": len(model.blocks),

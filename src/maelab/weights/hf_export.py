@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from maelab.atomic import write_atomically, write_text_atomically
+from maelab.atomic import remove_quietly, write_atomically, write_text_atomically
 from maelab.errors import UserError
 from maelab.weights.hf import IMAGENET_MEAN, IMAGENET_STD, LAYER_NORM_EPS, hf_state
 from maelab.weights.loading import load_user_file
@@ -26,6 +26,12 @@ ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm."
 DECODER_PREFIXES = ("mask_token", "decoder_")
 PIXEL_TARGETS = {"NormPixelTarget": True, "PixelTarget": False}  # target class -> norm_pix_loss
 OFFICIAL_DECODER_HEADS = 16  # every official mae_vit_* model
+STALE = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "preprocessor_config.json",
+)
 
 
 def vit_config(arch: dict, in_chans: int) -> dict:
@@ -79,12 +85,24 @@ def classifier_state(state: dict) -> dict:
     return out
 
 
+EVAL_CROP = 0.875  # the image-folder recipes' evaluation view: resize to size / 0.875, center crop
+FOLDER_SIZES = 224  # from this size up the recipes read image folders; below, whole images (CIFAR-10's)
+
+
+def crop_fraction(size: int) -> float:
+    return EVAL_CROP if size >= FOLDER_SIZES else 1.0
+
+
 def preprocessor(mean: list, std: list, size: int) -> dict:
-    """What ``AutoImageProcessor.from_pretrained(OUT)`` builds: resize, scale to [0, 1], normalise."""
+    """What ``AutoImageProcessor.from_pretrained(OUT)`` builds, maelab's evaluation view: at 224 px
+    and more, the short side resized to size / 0.875 and the center crop (ConvNext's processor does
+    exactly that below 384 px); below, the whole image resized (CIFAR-10's view). Then scaled to
+    [0, 1] and normalised with the checkpoint's mean and std."""
+    cropped = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": size}, "crop_pct": EVAL_CROP}
+    whole = {"image_processor_type": "ViTImageProcessor", "size": {"height": size, "width": size}}
     return {
-        "image_processor_type": "ViTImageProcessor",
+        **(cropped if crop_fraction(size) < 1 else whole),
         "do_resize": True,
-        "size": {"height": size, "width": size},
         "resample": 3,  # bicubic
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -100,6 +118,8 @@ def write_folder(out: Path, tensors: dict[str, torch.Tensor], config: dict, extr
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; --format hf writes a folder: name a new or existing folder")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in STALE:  # an earlier export's, or another library's: readers would take them first
+        remove_quietly(out / stale)
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
     write_atomically(out / "model.safetensors", lambda f: f.write(data), size_hint=len(data))
     for name, content in {"config.json": config, **extra}.items():
@@ -155,7 +175,8 @@ def export_timm_wrapper(state: dict, arch: dict, mean: list, std: list, out: Pat
         "pretrained_cfg": {
             "input_size": [arch.get("in_chans", 3), arch["img_size"], arch["img_size"]],
             "interpolation": "bicubic",
-            "crop_pct": 1.0,
+            "crop_pct": crop_fraction(arch["img_size"]),
+            "crop_mode": "center",
             "mean": mean,
             "std": std,
         },

@@ -83,6 +83,12 @@ def fit_positions(state: dict[str, torch.Tensor], model: nn.Module, source: str)
 
 
 def check_shapes(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str) -> None:
+    channels = "patch_embed.proj.weight"
+    if channels in state and channels in own and state[channels].shape[1] != own[channels].shape[1]:
+        raise UserError(
+            f"{source} takes images of {state[channels].shape[1]} channel(s), this model {own[channels].shape[1]}: "
+            f"set data.channels={state[channels].shape[1]}"
+        )
     for key, value in own.items():
         if key in state and state[key].shape != value.shape:
             raise UserError(
