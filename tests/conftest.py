@@ -122,6 +122,15 @@ TINY_CLASSIFIER = [
     "trainer.enable_progress_bar=false",
 ]
 
+# The same tiny encoder trained from image files (data=folder, data=shards): 16 px, batches of 8,
+# read in the main process; the data group and its root are the test's.
+FROM_FILES = [
+    "data.img_size=16",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    *(o for o in TINY_CLASSIFIER if o.startswith(("model.", "task.", "trainer.", "data.num_workers"))),
+]
+
 
 def official_state_dict(encoder: torch.nn.Module, decoder_width: int = 32, decoder_depth: int = 1) -> dict:
     """An official MAE pretraining state dict, written out key by key from the published layout:

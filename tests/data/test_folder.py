@@ -14,22 +14,9 @@ from maelab.data.files import read_rgb
 from maelab.data.folder import FolderDataModule
 from maelab.errors import UserError
 from maelab.run.fit import run
-from tests.conftest import compose_config
+from tests.conftest import FROM_FILES, compose_config
 
-TINY_MODEL = ["model.patch_size=4", "model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
-FOLDER = [
-    "data=folder",
-    "data.img_size=16",
-    "data.batch_size=8",
-    "data.eval_batch_size=16",
-    "data.num_workers=0",
-    *TINY_MODEL,
-    "task.effective_batch_size=null",
-    "trainer.accelerator=cpu",
-    "trainer.max_epochs=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-]
+FOLDER = ["data=folder", *FROM_FILES, "trainer.max_epochs=2"]
 GRAY = ["data.channels=1", "data.mean=[0.5]", "data.std=[0.25]"]
 
 

@@ -19,25 +19,14 @@ from maelab.data.folder import FolderDataModule
 from maelab.data.shards import ImageShards, ShardsDataModule
 from maelab.errors import UserError
 from maelab.run.fit import run
-from tests.conftest import REPO, compose_config, maelab, weights
+from tests.conftest import FROM_FILES, REPO, compose_config, maelab, weights
 from tests.ddp_probe import fingerprint
 
 SHARDS = [
     "+experiment=quickstart",
     "data=shards",
-    "data.img_size=16",
-    "data.batch_size=8",
-    "data.eval_batch_size=16",
-    "data.num_workers=0",
-    "model.patch_size=4",
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "task.effective_batch_size=null",
+    *FROM_FILES,
     "callbacks.knn_monitor=null",  # it needs a split held in memory; shards stream
-    "trainer.accelerator=cpu",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
 ]
 
 
@@ -150,7 +139,7 @@ def test_bad_sources_and_settings_are_one_line(tmp_path):
     pictures(tmp_path / "src", per_class=2)
     with pytest.raises(UserError, match=r"--val-size and --val-dir: choose one"):
         prepare([str(tmp_path / "src"), out, "--val-dir", str(tmp_path / "src"), "--val-size", "1"])
-    with pytest.raises(UserError, match=r"--val-size 4 holds out 4 of 4 readable images"):
+    with pytest.raises(UserError, match=r"--val-size=4 holds out 4 of 4 images"):
         prepare([str(tmp_path / "src"), out, "--val-size", "4"])
     with pytest.raises(UserError, match=r"data.root=.*nowhere: no maelab.json there; .*prepare-data"):
         ShardsDataModule(str(tmp_path / "nowhere"))

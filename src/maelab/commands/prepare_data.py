@@ -157,16 +157,10 @@ def split(src: Path, val_root: Path | None, readable: dict, classes: list[str], 
         if not train or not val:
             raise UserError(f"{src if not train else val_root}: no readable image left")
         return {"train": train, "val": val}
-    share = held_out(args.val_size)
-    held = round(share * len(train)) if share < 1 else int(share)
-    if not 0 < held < len(train):
-        raise UserError(f"--val-size {share} holds out {held} of {len(train)} readable images; hold out at "
-                        "least one and leave some to train on (a fraction in (0, 1) or a number), "
-                        "or give --val-dir")  # fmt: skip
-    import torch
+    from maelab.data.folder import hold_out
 
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.split_seed)).tolist()
-    return {"train": [train[i] for i in sorted(order[held:])], "val": [train[i] for i in sorted(order[:held])]}
+    kept, held = hold_out(len(train), held_out(args.val_size), args.split_seed, "--val-size")
+    return {"train": [train[i] for i in kept], "val": [train[i] for i in held]}
 
 
 def held_out(val_size: float | None) -> float | int:
@@ -178,12 +172,11 @@ def held_out(val_size: float | None) -> float | int:
 
 def images_in(root: Path) -> list[Path]:
     from maelab.data.files import IMAGE_SUFFIXES
-    from maelab.data.folder import list_files
+    from maelab.data.folder import list_files, not_images
 
     files, others = list_files(root)
     if others:
-        listed = ", ".join(f"{n} {suffix}" for suffix, n in others.most_common(5))
-        print(f"{root}: left out {sum(others.values())} files that are not images ({listed})")
+        print(not_images(root, others))
     if not files:
         raise UserError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under it")
     return files

@@ -47,6 +47,25 @@ def list_files(root: Path) -> tuple[list[Path], Counter]:
     return images, others
 
 
+def not_images(root: Path, others: Counter) -> str:
+    """The line that says which files of ``root`` were left out for not being images."""
+    listed = ", ".join(f"{n} {suffix}" for suffix, n in others.most_common(5))
+    return f"{root}: left out {sum(others.values())} files that are not images ({listed})"
+
+
+def hold_out(n: int, share: float, seed: int, key: str) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices of n files: ``share`` is a fraction (at least one file) or a
+    number of files, drawn with ``seed`` (the same in every run and in ``maelab prepare-data``)."""
+    held = max(1, round(share * n)) if share < 1 else int(share)
+    if not 0 < held < n:
+        raise UserError(
+            f"{key}={share:g} holds out {held} of {n} images; hold out at least one and leave some to train on "
+            "(a fraction in (0, 1) or a number of images)"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
+
+
 def folder_labels(root: Path, files: list[Path], labels: str) -> list[str]:
     """The class names (empty: unlabelled) by the ``labels`` rule."""
     parts = [f.relative_to(root).parts for f in files]
@@ -91,8 +110,7 @@ class FolderDataModule(ImageFolderDataModule):
             raise UserError(f"data.root={root}: no such folder ({self.root}); point it at a folder of images")
         self.all_files, others = list_files(self.root)
         if others:
-            listed = ", ".join(f"{n} {suffix}" for suffix, n in others.most_common(5))
-            log.info(f"{self.root}: left out {sum(others.values())} files that are not images ({listed})")
+            log.info(not_images(self.root, others))
         if not self.all_files:
             raise UserError(f"data.root={root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {self.root}")
         return folder_labels(self.root, self.all_files, self.labels_rule)
@@ -101,19 +119,13 @@ class FolderDataModule(ImageFolderDataModule):
         if self.files:
             return
         n = len(self.all_files)
-        held = max(1, round(self.share * n)) if self.share < 1 else int(self.share)
-        if not 0 < held < n:
-            raise UserError(
-                f"data.val_size={self.share} holds out {held} of {n} images; hold out at least one and leave "
-                "some to train on (a fraction in (0, 1) or a number of images)"
-            )
+        kept, held = hold_out(n, self.share, self.split_seed, "data.val_size")
         labels = [self.classes.index(f.relative_to(self.root).parts[0]) if self.classes else -1 for f in self.all_files]
         files = FileList.of(list(zip(self.all_files, labels)))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        train, val = files.subset(sorted(order[held:])), files.subset(sorted(order[:held]))
+        train, val = files.subset(kept), files.subset(held)
         self.files = {"train": train, "val": val, "test": val}
         kind = f"{len(self.classes)} classes" if self.classes else "no labels"
-        log.info(f"{self.root}: {n} images ({kind}, {self.channels} channel(s)): train {len(train)}, val {held}")
+        log.info(f"{self.root}: {n} images ({kind}, {self.channels} channel(s)): train {len(train)}, val {len(val)}")
 
     def as_channels(self, transform):
         """``transform`` on the image in this module's channels."""
