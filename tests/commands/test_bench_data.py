@@ -8,7 +8,6 @@ from PIL import Image
 
 from maelab.commands.bench_data import generate, main
 from maelab.errors import UserError
-from tests.conftest import maelab
 
 
 def test_it_times_every_pipeline_on_a_generated_folder_and_prints_one_json_line(tmp_path, capsys):
@@ -22,6 +21,9 @@ def test_it_times_every_pipeline_on_a_generated_folder_and_prints_one_json_line(
     for figures in result["pipelines"].values():
         assert figures["img_per_s"] > 0 and figures["img_per_s_per_core"] == figures["img_per_s"]  # 0 workers: 1 core
     assert result["img_per_s"] == result["pipelines"]["maelab_fast"]["img_per_s"] > 0
+    official = result["pipelines"]["official"]["img_per_s"]
+    for name in ("maelab_pil", "maelab_fast"):  # the ratios printed are the pipelines' own
+        assert result["speedup_over_official"][name] == round(result["pipelines"][name]["img_per_s"] / official, 2)
     assert result["per_core"] == "img_per_s / max(1, workers)"
     assert (result["files"], result["timed_images"], result["warmup_images"]) == (24, 16, 8)
 
@@ -44,5 +46,5 @@ def test_a_missing_or_empty_folder_is_one_line(tmp_path):
         main([str(tmp_path / "empty")])
     with pytest.raises(UserError, match="give a FOLDER or --generate DIR"):
         main([])
-    done = maelab("bench-data", str(tmp_path / "missing"), cwd=tmp_path)
-    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "no such folder" in done.stderr
+    with pytest.raises(UserError, match=r"--workers=-1: expected 0 or more"):
+        main([str(tmp_path / "empty"), "--workers", "-1"])

@@ -116,9 +116,11 @@ def test_imagenet_is_the_folder_of_maelab_imagenet_and_defaults_to_its_val_split
         main([str(checkpoint), "--images", "imagenet", "--out", str(tmp_path / "i.pt")])
     write_folder(tmp_path / "imagenet" / "train", classes=True)
     write_folder(tmp_path / "imagenet" / "val", classes=True)
+    extra = tmp_path / "imagenet" / "train" / "dog" / "extra.png"
+    extra.write_bytes((tmp_path / "imagenet" / "train" / "dog" / "1.png").read_bytes())  # train/ has 7: val/ is read
     for workers in ("0", "2"):  # read in this process, and by two DataLoader workers: the same features
         main([str(checkpoint), "--images", "imagenet", "--out", str(tmp_path / f"i{workers}.pt"), "--workers", workers,
               "--batch-size", "4"])  # fmt: skip
     inline, parallel = (torch.load(tmp_path / f"i{w}.pt", weights_only=True) for w in ("0", "2"))
     assert torch.equal(inline["features"], parallel["features"]) and inline["names"] == parallel["names"]
-    assert inline["names"][0] == "cat/0.png" and inline["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert inline["names"][0] == "cat/0.png" and inline["labels"].tolist() == [0, 0, 0, 1, 1, 1]  # val/'s 6

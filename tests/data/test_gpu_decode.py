@@ -64,17 +64,24 @@ def test_files_the_device_cannot_decode_are_finished_in_the_worker_and_batched_i
     assert torch.equal(images[4][0], images[4][1])  # a grayscale JPEG comes out as equal RGB planes
 
 
-def test_the_crops_follow_torchvision_s_random_resized_crop():
-    """The box is torchvision's own get_params on the header's size: the same draws give the
-    same boxes as RandomResizedCrop on the decoded image."""
-    view = CropFromHeader(224)
-    image = torch.zeros(3, 375, 500)
-    for i in range(200):
-        with sample_rng(5, 0, i):
-            ours = view.box(375, 500)
-        with sample_rng(5, 0, i):
-            theirs = T.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3])
-        assert ours == tuple(theirs)
+def test_the_boxes_drawn_from_headers_are_torchvision_s_on_the_decoded_image(tmp_path):
+    """Drawn from the header's size (turned for an EXIF-rotated file), each box is the one
+    torchvision's RandomResizedCrop draws on the decoded, upright image under the same seed."""
+    from maelab.data.files import read_rgb
+
+    plain = photo(tmp_path / "plain.jpg")
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.open(plain).getexif()
+    exif[0x0112] = 6
+    Image.open(plain).save(rotated, exif=exif)
+    view = CropFromHeader(32)
+    for path in (plain, rotated):
+        upright = T.functional.pil_to_tensor(read_rgb(path))
+        for i in range(50):
+            with sample_rng(5, 0, i):
+                ours = view(path).box
+            with sample_rng(5, 0, i):
+                assert ours == tuple(T.RandomResizedCrop.get_params(upright, [0.2, 1.0], [3 / 4, 4 / 3]))
 
 
 def test_the_image_folder_module_hands_encoded_batches_and_decodes_them_on_the_device(tmp_path, monkeypatch):
@@ -89,6 +96,7 @@ def test_the_image_folder_module_hands_encoded_batches_and_decodes_them_on_the_d
     from tests.conftest import corrupt_one_file, make_tree
 
     tree = make_tree(tmp_path / "tree")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, wherever the test runs
     with pytest.raises(UserError, match="data.decode=gpu decodes JPEGs on the GPU and this machine has no CUDA"):
         ImageFolderDataModule(str(tree), decode="gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -262,6 +262,9 @@ def test_a_vit_classifier_folder_from_transformers_reads_into_maelab(tmp_path):
     torch.manual_seed(3)
     config = ViTConfig(**HF_SIZES, layer_norm_eps=1e-6, num_labels=5)
     theirs = ViTForImageClassification(config).eval()
+    with torch.no_grad():  # no tensor at its initial value: swapped norms or dropped biases would show
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     theirs.save_pretrained(tmp_path / "vit")
     ours = ViTClassifier(5, global_pool="token", **ENCODER).eval()
     load_encoder(ours, tmp_path / "vit")
@@ -269,6 +272,8 @@ def test_a_vit_classifier_folder_from_transformers_reads_into_maelab(tmp_path):
     with torch.no_grad():
         hidden = theirs.vit(pixel_values=imgs).last_hidden_state
         assert torch.allclose(ours.forward_features(imgs), hidden, atol=1e-5)
+        ours.head.load_state_dict({"weight": theirs.classifier.weight, "bias": theirs.classifier.bias})
+        assert torch.allclose(ours(imgs), theirs(pixel_values=imgs).logits, atol=1e-5)  # cls token, norm, head
 
 
 def test_a_run_exported_by_the_cli_fine_tunes_draws_and_embeds_from_the_folder(pretrained, tmp_path, capsys):

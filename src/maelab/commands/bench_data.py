@@ -168,8 +168,9 @@ def check(args) -> None:
     for name in ("count", "batch_size", "images", "rounds", "size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
-    if args.workers < 0 or (args.warmup is not None and args.warmup < 0):
-        raise UserError("--workers and --warmup must be 0 or more")
+    for name in ("workers", "warmup"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UserError(f"--{name}={getattr(args, name)}: expected 0 or more")
 
 
 def main(argv: list[str]) -> int:

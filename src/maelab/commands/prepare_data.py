@@ -60,6 +60,8 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.val_dir and args.val_size:
         raise UserError("--val-size and --val-dir: choose one (a held-out share of SRC, or a folder)")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers={args.workers}: expected 1 or more (default: the CPUs)")
     src, out = folder(args.src, "SRC"), Path(args.out).expanduser().absolute()
     val_root = folder(args.val_dir, "--val-dir") if args.val_dir else None
     check_out(args.out, out, args.overwrite)
@@ -155,7 +157,8 @@ def split(src: Path, val_root: Path | None, readable: dict, classes: list[str], 
     if val_root is not None:
         val = labelled_files(val_root, readable["val"], classes)
         if not train or not val:
-            raise UserError(f"{src if not train else val_root}: no readable image left")
+            raise UserError(f"{src if not train else val_root}: every image was unreadable and left out "
+                            "(--skip-bad-images); give a folder with readable images")  # fmt: skip
         return {"train": train, "val": val}
     from maelab.data.folder import hold_out
 
@@ -188,7 +191,9 @@ def labelled_files(root: Path, files: list[Path], classes: list[str]) -> list[tu
     for path in files:
         parts = path.relative_to(root).parts
         if classes and (len(parts) < 2 or parts[0] not in classes):
-            raise UserError(f"{path}: not in one of SRC's class folders ({', '.join(classes[:5])}, ...)")
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise UserError(f"{path}: not in one of SRC's {len(classes)} class folders ({shown}); sort the "
+                            "--val-dir images into them")  # fmt: skip
         labelled.append((str(path), classes.index(parts[0]) if classes else -1, "/".join(parts)))
     return labelled
 

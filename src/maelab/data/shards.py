@@ -238,6 +238,8 @@ class ShardsDataModule(FolderDataModule):
         total = self.metadata["counts"]["train" if split == "train" else "val"]
         samples = [dataset[i] for i in torch.linspace(0, total - 1, min(n, total)).long().tolist()]
         for sample in samples:
-            if isinstance(sample, BadImage):
-                raise UserError(f"{sample.path}: cannot be read as an image ({sample.reason})")
+            if isinstance(sample, BadImage) and not self.skip_bad_images:
+                raise UserError(f"{sample.path}: cannot be read as an image ({sample.reason}); replace it, or set "
+                                "data.skip_bad_images=true")  # fmt: skip
+        samples = [s for s in samples if not isinstance(s, BadImage)]
         return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])
