@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
+from maelab.data.decode import CropBoxes
 from maelab.data.files import BadImage, read_rgb
 
 DEVICE_MODES = ("RGB", "L")  # what nvJPEG decodes to RGB as the CPU path would
@@ -57,12 +58,8 @@ class CropFromHeader:
     reads_files = True  # ImageFiles hands it the path
 
     def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True, interpolation="bicubic"):
-        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
+        self.size, self.box, self.hflip = size, CropBoxes(scale, ratio), hflip  # torchvision's draws
         self.mode = T.InterpolationMode(interpolation)
-
-    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the size only
-        return tuple(int(v) for v in T.RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio)))
 
     def __call__(self, path) -> Encoded:
         from torchvision.io import read_file

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from maelab.data import jpeg_crop
 from maelab.data.base import ShardedDataModule, worker_init
 from maelab.data.decode import FastResizeCenterCrop
 from maelab.data.files import BadImage, FileList, class_folders, list_image_folder, read_rgb
@@ -85,7 +86,7 @@ class ImageFiles(Dataset):
     def transformed(self, image, i: int, epoch: int | None):
         if epoch is None:
             return self.transform(image)
-        with sample_rng(self.seed, epoch, i):
+        with sample_rng(self.seed, epoch, i, torch_only=getattr(self.transform, "torch_draws_only", False)):
             return self.transform(image)
 
 
@@ -100,6 +101,9 @@ def checked_decode(decode: str) -> str:
     if decode == "gpu" and not torch.cuda.is_available():
         raise UserError("data.decode=gpu decodes JPEGs on the GPU and this machine has no CUDA device; "
                         "use data.decode=fast")  # fmt: skip
+    if decode == "fast" and not jpeg_crop.available():
+        log.warning("data.decode=fast decodes whole JPEGs, not only their crops (about a fifth slower): %s",
+                    jpeg_crop.missing)  # fmt: skip
     return decode
 
 

@@ -5,9 +5,10 @@ Millions of small files are slow to list and open on a cluster file system; a fe
 chunks are not. LitData (Lightning's own shard format) streams them:
 
 - Each sample is the file's bytes as they were on disk, its label (-1 without labels) and its
-  name. Workers decode the bytes as ``files.read_rgb`` reads a file (any mode, bit depth, EXIF
-  orientation) and apply the per-image transform, as ``data=folder`` does; ``channels``,
-  ``skip_bad_images`` and the evaluation view are that module's.
+  name. Workers hand the bytes to the per-image transform as ``data=folder`` hands it a file
+  (``data.decode=fast`` decodes only the crop), or decode them as ``files.read_rgb`` reads a file
+  (any mode, bit depth, EXIF orientation) first; ``channels``, ``skip_bad_images`` and the
+  evaluation view are that module's.
 - Training: LitData shuffles the order of the chunks and the samples inside each chunk from
   (``run_seed``, epoch) and gives every rank a disjoint, equal share of whole batches (what does
   not fill a batch on every rank waits for another epoch's order). A sample's crop is drawn from
@@ -95,13 +96,18 @@ class ImageShards(StreamingDataset):
         i = index.index if isinstance(index, ChunkedIndex) else int(index)
         name = os.fsdecode(bytes(item["name"]))
         try:
+            if getattr(self.image_transform, "reads_files", False):  # data.decode=fast: it decodes the bytes
+                return self.transformed(bytes(item["image"]), i), int(item["label"])
             image = read_rgb(io.BytesIO(item["image"]))
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken or unknown files
             return BadImage(f"{self.url}: {name}", f"{type(e).__name__}: {e}")
+        return self.transformed(image, i), int(item["label"])
+
+    def transformed(self, image, i: int):
         if not self.shuffle:
-            return self.image_transform(image), int(item["label"])
-        with sample_rng(self.seed, self.current_epoch, i):
-            return self.image_transform(image), int(item["label"])
+            return self.image_transform(image)
+        with sample_rng(self.seed, self.current_epoch, i, getattr(self.image_transform, "torch_draws_only", False)):
+            return self.image_transform(image)
 
 
 class ShardLoader(StreamingDataLoader):
