@@ -5,6 +5,8 @@ it (EXIF, else XMP), and libjpeg's own words for a broken file."""
 
 import io
 import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +78,26 @@ def test_a_crop_is_the_whole_decode_s_pixels_bit_for_bit(kind):
         assert torch.equal(crop, full[:, top : top + h, left : left + w]), (kind, top, left, h, w)
 
 
+def sampled_jpeg(tmp_path, width: int, height: int, luma_h: int, luma_v: int) -> bytes:
+    """A JPEG with luma sampled luma_h x luma_v and chroma 1 x 1, written by libjpeg's own encoder
+    (``jpeg_writer.c``, compiled here as the crop decoder was at install: PIL writes only 4:4:4,
+    4:2:2 and 4:2:0)."""
+    writer, out = tmp_path / "jpeg_writer", tmp_path / "sampled.jpg"
+    compiler = [*shlex.split(os.environ.get("CC", "cc")), str(Path(__file__).with_name("jpeg_writer.c"))]
+    built = subprocess.run([*compiler, "-o", str(writer), "-ljpeg"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    subprocess.run([str(writer), str(width), str(height), str(luma_h), str(luma_v), str(out)], check=True)
+    return out.read_bytes()
+
+
 @needs_decoder
-def test_a_crop_of_luma_sampled_4x2_is_right_at_every_scale():
+@pytest.mark.parametrize(("luma_h", "luma_v"), [(4, 2), (2, 4)])
+def test_a_crop_of_luma_sampled_4x2_is_right_at_every_scale(tmp_path, luma_h, luma_v):
     """libjpeg-turbo before 3.0 crops such a file's chroma rows wrongly at 1/2 and 1/4 (a
     component upsampled after an inverse DCT of another size), up to 90 levels off: it is decoded
-    at full width there. The file (96 x 64, luma sampled 4 x 2, chroma 1 x 1) was written with
-    libjpeg's own encoder: PIL writes no such sampling."""
-    data = (Path(__file__).parent / "fixtures" / "luma_4x2.jpg").read_bytes()
+    at full width there."""
+    data = sampled_jpeg(tmp_path, 96, 64, luma_h, luma_v)
+    assert jpeg_crop.header(data)[:3] == (64, 96, True)
     for r in (1, 2, 4, 8):
         height, width = -(-64 // r), -(-96 // r)
         scaled = jpeg_crop.decode(data, (0, 0, height, width), r)
